@@ -1,0 +1,113 @@
+"""`sparsejax.attention`: the public entry point over every implementation."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax import implementations
+from sparsejax import reference
+from sparsejax.block_mask import BlockMask, next_power_of_2
+from sparsejax import masks as masks_lib
+from sparsejax.vjp import StaticConfig
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _validate(q, k, v, mask):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "ndim") or x.ndim != 4:
+      raise ValueError(f"{name} must be a rank-4 array [batch, len, heads, "
+                       f"head_dim], got shape {getattr(x, 'shape', None)}")
+    if x.dtype not in _DTYPES:
+      raise TypeError(f"{name} must be float32, bfloat16 or float16, got "
+                      f"{x.dtype}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
+                    f"{v.dtype}")
+  b, lq, h, d = q.shape
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got {k.shape} and "
+                     f"{v.shape}")
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"k must be [batch={b}, kv_len, kv_heads, head_dim={d}],"
+                     f" got {k.shape}")
+  if h % k.shape[2]:
+    raise ValueError(f"q heads ({h}) must be divisible by kv heads "
+                     f"({k.shape[2]})")
+  if not 8 <= d <= 256:
+    raise ValueError(f"head_dim must be in [8, 256], got {d}")
+  if mask is not None:
+    if not isinstance(mask, BlockMask):
+      raise TypeError(f"mask must be None or a sparsejax.BlockMask, got "
+                      f"{type(mask).__name__}")
+    mask.check_compatible(batch=b, heads=h, q_len=lq, kv_len=k.shape[1])
+
+
+def _pad_axis(x, axis, size):
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def attention(q, k, v, mask: Optional[BlockMask] = None, *,
+              scale: Optional[float] = None, soft_cap: Optional[float] = None,
+              impl: str = "auto", interpret: bool = False,
+              return_lse: bool = False):
+  """Block-sparse softmax attention.
+
+  Args:
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads,
+      head_dim] with heads % kv_heads == 0 (GQA/MQA).
+    mask: None (dense, bidirectional) or a `BlockMask` built for
+      (q_len, kv_len).
+    scale: logit scale, default head_dim ** -0.5.
+    soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
+    impl: "reference", "xla", "pallas_triton", "pallas_mosaic_gpu",
+      "pallas_tpu" or "auto".
+    interpret: run a Pallas implementation in interpret mode (CPU).
+    return_lse: also return the log-sum-exp [batch, heads, q_len] (f32).
+
+  Softmax is in f32 whatever the input dtype; a query row with no visible key
+  gives output 0, lse -inf and zero gradients.
+  """
+  _validate(q, k, v, mask)
+  if not isinstance(impl, str):
+    raise ValueError(f"impl must be a string, one of "
+                     f"{sorted(implementations.names())}, got {impl!r}")
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  scale = float(d ** -0.5 if scale is None else scale)
+  if soft_cap is not None:
+    if soft_cap <= 0:
+      raise ValueError(f"soft_cap must be positive, got {soft_cap}")
+    soft_cap = float(soft_cap)
+  implementation = implementations.resolve(impl, interpret)
+  if implementation.dense:
+    out, lse = reference.attention_reference(q, k, v, mask, scale=scale,
+                                             soft_cap=soft_cap)
+    return (out, lse) if return_lse else out
+
+  if mask is None:
+    mask = masks_lib.full(lq, lk, block_size=(min(128, next_power_of_2(max(
+        lq, 16))), min(128, next_power_of_2(max(lk, 16)))))
+  bq, bk = mask.block_q, mask.block_kv
+  lq_pad, lk_pad = mask.num_q_blocks * bq, mask.num_kv_blocks * bk
+  d_pad = next_power_of_2(d) if implementation.pad_head_dim_pow2 else d
+  qp = _pad_axis(_pad_axis(q, 1, lq_pad), 3, d_pad)
+  kp = _pad_axis(_pad_axis(k, 1, lk_pad), 3, d_pad)
+  vp = _pad_axis(_pad_axis(v, 1, lk_pad), 3, d_pad)
+  lists = {f: getattr(mask, f) for f in BlockMask._ARRAYS}  # pylint: disable=protected-access
+  lists = {f: jnp.broadcast_to(x, (b, h) + x.shape[2:])
+           for f, x in lists.items()}
+  cfg = StaticConfig(block_q=bq, block_kv=bk, q_len=lq, kv_len=lk,
+                     mask_fn=mask.mask_fn, scale=scale, soft_cap=soft_cap,
+                     interpret=interpret)
+  out, lse = implementation.load()(qp, kp, vp, lists, cfg)
+  out, lse = out[:, :lq, :, :d], lse[:, :, :lq]
+  return (out, lse) if return_lse else out

@@ -1,0 +1,259 @@
+"""`BlockMask`: block-sparse attention structure as data.
+
+For each (batch|1, head|1, q_block) the mask lists the kv blocks that are *full*
+(every element visible: no element work) and *partial* (the element mask
+`mask_fn` must be applied), as sorted index lists with counts. The transposed
+lists (per kv block: which q blocks) drive the dK/dV backward pass.
+
+Everything here is jnp code, so masks can be built under `jit` from traced
+data (e.g. top-k block selection). List widths are the true maximum count when
+the block states are concrete, and the number of blocks when traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# mask_fn(b, h, q_idx, kv_idx) -> bool array; arguments broadcast against each
+# other. It must be pure index arithmetic (jnp ops), since kernels evaluate it
+# in registers.
+MaskFn = Callable[[Any, Any, Any, Any], Any]
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def compress(member: jax.Array, width: Optional[int] = None):
+  """Sorted indices of the True entries along the last axis, and their count.
+
+  Returns (counts int32 [...], idx int32 [..., width]); entries past a row's
+  count repeat its last valid index (0 for empty rows), so a pipeline that
+  prefetches the next index never touches a new block.
+  """
+  n = member.shape[-1]
+  counts = member.sum(-1, dtype=jnp.int32)
+  if width is None:
+    width = int(counts.max()) if (_is_concrete(counts) and counts.size) else n
+  width = max(1, min(width, n))
+  pos = jnp.cumsum(member, axis=-1, dtype=jnp.int32) - 1
+  slot = jnp.where(member, pos, width)  # width is out of range: dropped
+  cols = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), member.shape)
+  flat_slot = slot.reshape(-1, n)
+  rows = jnp.arange(flat_slot.shape[0])[:, None]
+  idx = jnp.zeros((flat_slot.shape[0], width), jnp.int32)
+  idx = idx.at[rows, flat_slot].set(cols.reshape(-1, n), mode="drop")
+  idx = idx.reshape(*member.shape[:-1], width)
+  last = jnp.take_along_axis(idx, jnp.maximum(counts - 1, 0)[..., None], -1)
+  idx = jnp.where(jnp.arange(width) < counts[..., None], idx, last)
+  return counts, idx
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+  """Block-sparse attention mask: kv-block lists per (batch, head, q block).
+
+  Array fields (int32; leading dims are batch|1 and heads|1, broadcast where 1):
+    full_counts [B,H,nq], full_idx [B,H,nq,Wf]: kv blocks with no masking.
+    partial_counts [B,H,nq], partial_idx [B,H,nq,Wp]: kv blocks needing mask_fn.
+    full_counts_t [B,H,nk], full_idx_t [B,H,nk,Wft]: transposed (q blocks).
+    partial_counts_t [B,H,nk], partial_idx_t [B,H,nk,Wpt].
+  Static fields: block_q, block_kv, q_len, kv_len, mask_fn, mask_fn_exact.
+  `mask_fn_exact` says mask_fn alone defines the mask (it is False outside
+  the listed blocks), which `|` needs.
+  """
+
+  full_counts: jax.Array
+  full_idx: jax.Array
+  partial_counts: jax.Array
+  partial_idx: jax.Array
+  full_counts_t: jax.Array
+  full_idx_t: jax.Array
+  partial_counts_t: jax.Array
+  partial_idx_t: jax.Array
+  block_q: int
+  block_kv: int
+  q_len: int
+  kv_len: int
+  mask_fn: Optional[MaskFn] = None
+  mask_fn_exact: bool = True
+
+  _ARRAYS = ("full_counts", "full_idx", "partial_counts", "partial_idx",
+             "full_counts_t", "full_idx_t", "partial_counts_t",
+             "partial_idx_t")
+  _STATIC = ("block_q", "block_kv", "q_len", "kv_len", "mask_fn",
+             "mask_fn_exact")
+
+  def tree_flatten(self):
+    return (tuple(getattr(self, f) for f in self._ARRAYS),
+            tuple(getattr(self, f) for f in self._STATIC))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  # --- construction -------------------------------------------------------
+
+  @classmethod
+  def from_states(cls, states: jax.Array, *, block_q: int, block_kv: int,
+                  q_len: int, kv_len: int, mask_fn: Optional[MaskFn] = None,
+                  mask_fn_exact: bool = True) -> "BlockMask":
+    """Builds the lists from block states (EMPTY/PARTIAL/FULL) [B|1,H|1,nq,nk]."""
+    states = jnp.asarray(states)
+    if states.ndim != 4:
+      raise ValueError(f"states must be [B|1, H|1, nq, nk], got {states.shape}")
+    nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
+    if states.shape[2:] != (nq, nk):
+      raise ValueError(f"states must have (nq, nk) = {(nq, nk)} for q_len="
+                       f"{q_len}, kv_len={kv_len}, blocks ({block_q}, "
+                       f"{block_kv}); got {states.shape[2:]}")
+    if mask_fn is None:  # nothing to apply on partial blocks: they are full
+      states = jnp.where(states == PARTIAL, FULL, states)
+    full, part = states == FULL, states == PARTIAL
+    fc, fi = compress(full)
+    pc, pi = compress(part)
+    fct, fit = compress(jnp.swapaxes(full, -1, -2))
+    pct, pit = compress(jnp.swapaxes(part, -1, -2))
+    return cls(fc, fi, pc, pi, fct, fit, pct, pit, block_q, block_kv, q_len,
+               kv_len, mask_fn, mask_fn_exact)
+
+  # --- inspection ---------------------------------------------------------
+
+  @property
+  def num_q_blocks(self) -> int:
+    return self.full_counts.shape[-1]
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return self.full_counts_t.shape[-1]
+
+  @property
+  def batch_size(self) -> int:
+    return self.full_counts.shape[0]
+
+  @property
+  def num_heads(self) -> int:
+    return self.full_counts.shape[1]
+
+  def block_states(self) -> jax.Array:
+    """int8 [B|1, H|1, nq, nk] of EMPTY / PARTIAL / FULL."""
+    nk = self.num_kv_blocks
+    out = jnp.zeros(self.full_counts.shape + (nk,), jnp.int8)
+    for counts, idx, value in ((self.full_counts, self.full_idx, FULL),
+                               (self.partial_counts, self.partial_idx,
+                                PARTIAL)):
+      b, h, nq, w = idx.shape
+      cols = jnp.where(jnp.arange(w) < counts[..., None], idx, nk)  # nk: drop
+      out = out.at[jnp.arange(b)[:, None, None, None],
+                   jnp.arange(h)[None, :, None, None],
+                   jnp.arange(nq)[None, None, :, None], cols].set(
+                       jnp.int8(value), mode="drop")
+    return out
+
+  def density(self) -> jax.Array:
+    """Fraction of (q block, kv block) pairs listed, per [B|1, H|1]."""
+    n = self.num_q_blocks * self.num_kv_blocks
+    return (self.full_counts.sum(-1) + self.partial_counts.sum(-1)) / n
+
+  def to_dense(self) -> jax.Array:
+    """bool [B|1, H|1, q_len, kv_len]. For tests and small references."""
+    states = self.block_states()
+    b, h = states.shape[:2]
+    qb = jnp.arange(self.q_len) // self.block_q
+    kb = jnp.arange(self.kv_len) // self.block_kv
+    st = states[:, :, qb][:, :, :, kb]
+    dense = st == FULL
+    if self.mask_fn is not None:
+      elem = self.mask_fn(jnp.arange(b)[:, None, None, None],
+                          jnp.arange(h)[None, :, None, None],
+                          jnp.arange(self.q_len)[None, None, :, None],
+                          jnp.arange(self.kv_len)[None, None, None, :])
+      dense = dense | ((st == PARTIAL) & elem)
+    return dense
+
+  def check_compatible(self, *, batch: int, heads: int, q_len: int,
+                       kv_len: int) -> None:
+    """Raises ValueError unless this mask fits attention of these shapes."""
+    if (self.q_len, self.kv_len) != (q_len, kv_len):
+      raise ValueError(
+          f"mask was built for (q_len, kv_len) = ({self.q_len}, "
+          f"{self.kv_len}) but q/k have ({q_len}, {kv_len})")
+    if self.batch_size not in (1, batch):
+      raise ValueError(f"mask batch dimension must be 1 or {batch}, got "
+                       f"{self.batch_size}")
+    if self.num_heads not in (1, heads):
+      raise ValueError(f"mask head dimension must be 1 or {heads} (the number "
+                       f"of query heads), got {self.num_heads}")
+
+  # --- composition --------------------------------------------------------
+
+  def _combine(self, other: "BlockMask", op: str) -> "BlockMask":
+    if not isinstance(other, BlockMask):
+      return NotImplemented
+    geometry = (self.block_q, self.block_kv, self.q_len, self.kv_len)
+    other_geometry = (other.block_q, other.block_kv, other.q_len, other.kv_len)
+    if geometry != other_geometry:
+      raise ValueError(f"cannot combine masks of different geometry (block_q, "
+                       f"block_kv, q_len, kv_len): {geometry} vs "
+                       f"{other_geometry}")
+    a, b = self.block_states(), other.block_states()
+    from sparsejax import mask_fns  # pylint: disable=g-import-not-at-top
+    if op == "and":
+      states = jnp.where((a == EMPTY) | (b == EMPTY), EMPTY,
+                         jnp.where((a == FULL) & (b == FULL), FULL, PARTIAL))
+      fn = mask_fns.logical_and(self.mask_fn, other.mask_fn)
+      exact = self.mask_fn_exact and other.mask_fn_exact
+    else:
+      # A combined partial block is partial in one operand and empty or
+      # partial in the other, so the element mask is the OR of the operands'
+      # exact element masks; a mask_fn=None operand only lists full blocks.
+      for m in (self, other):
+        if m.mask_fn is not None and not m.mask_fn_exact:
+          raise ValueError(
+              "`|` needs masks whose mask_fn defines the mask exactly; "
+              "from_block_mask(..., mask_fn=...) masks are not: combine their "
+              "block arrays first")
+      states = jnp.where((a == FULL) | (b == FULL), FULL,
+                         jnp.where((a == EMPTY) & (b == EMPTY), EMPTY,
+                                   PARTIAL))
+      fn = mask_fns.logical_or(self.mask_fn, other.mask_fn)
+      exact = True
+    return BlockMask.from_states(states, block_q=self.block_q,
+                                 block_kv=self.block_kv, q_len=self.q_len,
+                                 kv_len=self.kv_len, mask_fn=fn,
+                                 mask_fn_exact=exact)
+
+  def __and__(self, other):
+    return self._combine(other, "and")
+
+  def __or__(self, other):
+    return self._combine(other, "or")
+
+  def __repr__(self):
+    return (f"BlockMask(batch={self.batch_size}, heads={self.num_heads}, "
+            f"q_len={self.q_len}, kv_len={self.kv_len}, block=({self.block_q},"
+            f" {self.block_kv}), widths=(full {self.full_idx.shape[-1]}, "
+            f"partial {self.partial_idx.shape[-1]}), mask_fn={self.mask_fn})")
+
+
+def broadcast_lists(mask: BlockMask, batch: int, heads: int) -> dict:
+  """The mask's arrays broadcast to [batch, heads, ...] (for vmapped code)."""
+  return {f: jnp.broadcast_to(getattr(mask, f),
+                              (batch, heads) + getattr(mask, f).shape[2:])
+          for f in BlockMask._ARRAYS}
+
+
+def next_power_of_2(x: int) -> int:
+  return 1 << max(0, int(x - 1).bit_length())
+
+
+def np_states(mask: BlockMask) -> np.ndarray:
+  return np.asarray(mask.block_states())

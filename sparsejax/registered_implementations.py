@@ -1,0 +1,25 @@
+"""The built-in implementations, registered by name."""
+
+from sparsejax.implementations import Implementation, register
+
+
+def _load_xla():
+  from sparsejax import xla_attention  # pylint: disable=g-import-not-at-top
+  return xla_attention.attention
+
+
+def _load_triton():
+  from pallas_kernels.gpu import block_sparse_attention  # pylint: disable=g-import-not-at-top
+  return block_sparse_attention.attention
+
+
+def _needs_cuda(platform, kind):
+  del kind
+  return None if platform == "gpu" else f"needs a CUDA GPU, found {platform}"
+
+
+register(Implementation("reference", load=lambda: None, dense=True))
+register(Implementation("xla", load=_load_xla))
+register(Implementation("pallas_triton", load=_load_triton,
+                        unavailable=_needs_cuda, supports_interpret=True,
+                        pad_head_dim_pow2=True))

@@ -31,18 +31,19 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def compress(member: jax.Array, width: Optional[int] = None):
+def compress(member, width: Optional[int] = None):
   """Sorted indices of the True entries along the last axis, and their count.
 
   Returns (counts int32 [...], idx int32 [..., width]); entries past a row's
   count repeat its last valid index (0 for empty rows), so a pipeline that
-  prefetches the next index never touches a new block.
+  prefetches the next index never touches a new block. Concrete inputs take
+  an O(nnz) numpy path; traced ones a jnp scatter.
   """
+  if _is_concrete(member):
+    return _compress_np(np.asarray(member), width)
   n = member.shape[-1]
   counts = member.sum(-1, dtype=jnp.int32)
-  if width is None:
-    width = int(counts.max()) if (_is_concrete(counts) and counts.size) else n
-  width = max(1, min(width, n))
+  width = max(1, min(width or n, n))
   pos = jnp.cumsum(member, axis=-1, dtype=jnp.int32) - 1
   slot = jnp.where(member, pos, width)  # width is out of range: dropped
   cols = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), member.shape)
@@ -54,6 +55,24 @@ def compress(member: jax.Array, width: Optional[int] = None):
   last = jnp.take_along_axis(idx, jnp.maximum(counts - 1, 0)[..., None], -1)
   idx = jnp.where(jnp.arange(width) < counts[..., None], idx, last)
   return counts, idx
+
+
+def _compress_np(member: np.ndarray, width: Optional[int]):
+  n = member.shape[-1]
+  flat = member.reshape(-1, n)
+  counts = flat.sum(-1).astype(np.int32)
+  width = max(1, min(width or int(counts.max(initial=0)), n))
+  rows, cols = np.nonzero(flat)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  pos = np.arange(rows.size) - starts[rows]
+  keep = pos < width
+  idx = np.zeros((flat.shape[0], width), np.int32)
+  idx[rows[keep], pos[keep]] = cols[keep]
+  last = idx[np.arange(flat.shape[0]), np.maximum(counts - 1, 0)]
+  idx = np.where(np.arange(width) < counts[:, None], idx, last[:, None])
+  shape = member.shape[:-1]
+  return (jnp.asarray(counts.reshape(shape)),
+          jnp.asarray(idx.reshape(*shape, width).astype(np.int32)))
 
 
 @jax.tree_util.register_pytree_node_class

@@ -161,39 +161,40 @@ def s2(seq_len: int, num_heads: int, *, block_size: int = 64,
     states = jnp.where(vis, jnp.where(i == j, PARTIAL, FULL), EMPTY)
   else:
     states = jnp.where(vis, FULL, EMPTY)
+  if causal and not homo_head and not num_dense_heads:
+    _warn_on_gaps(np.asarray(states != EMPTY))
   mask = BlockMask.from_states(states.astype(jnp.int8)[None], block_q=bs,
                                block_kv=bs, q_len=seq_len, kv_len=seq_len,
                                mask_fn=fn if causal else None)
   if pattern_heads > 1 and group > 1:  # q heads of a group share the lists
     mask = jax.tree.map(lambda x: jnp.repeat(x, group, axis=1), mask)
-  if causal and not homo_head:
-    _warn_on_gaps(mask, num_dense_heads)
   return mask
 
 
 def s2_coverage(mask: BlockMask) -> dict:
-  """Per-head density (vs causal) and whether the heads' union covers every
-  past block of the last query block row."""
-  states = np.asarray(mask.block_states())[0]  # [H, nq, nk]
-  nq = states.shape[1]
-  causal_blocks = nq * (nq + 1) / 2
-  density = (states != EMPTY).sum((1, 2)) / causal_blocks
-  union = (states != EMPTY).any(0)
-  lower = np.tril(np.ones((nq, nq), bool))
-  gaps = int((lower & ~union).sum())
+  """Per-head density (vs causal) and whether the union of the heads covers
+  every past block."""
+  return _coverage(np.asarray(mask.block_states())[0] != EMPTY)
+
+
+def _coverage(visible: np.ndarray) -> dict:
+  """visible: bool [H, nq, nk] block pattern of a causal mask."""
+  nq = visible.shape[1]
+  density = visible.sum((1, 2)) / (nq * (nq + 1) / 2)
+  gaps = int((np.tril(np.ones(visible.shape[1:], bool)) &
+              ~visible.any(0)).sum())
   return {"density_per_head": density.tolist(), "covers_all": gaps == 0,
           "uncovered_blocks": gaps}
 
 
-def _warn_on_gaps(mask: BlockMask, num_dense_heads: int) -> None:
-  if num_dense_heads or mask.num_q_blocks > 4096:
-    return
-  report = s2_coverage(mask)
+def _warn_on_gaps(visible: np.ndarray) -> None:
+  report = _coverage(visible)
   if not report["covers_all"]:
     logging.warning(
-        "S2 pattern: the union of the %d heads leaves %d past blocks "
-        "unattended (num_heads < vert_stride?); every head sees its local "
-        "window only there.", mask.num_heads, report["uncovered_blocks"])
+        "S2 pattern: the union of the %d kv-head patterns leaves %d past "
+        "blocks unattended (fewer heads than vert_stride?); queries see only "
+        "their local window there.", visible.shape[0],
+        report["uncovered_blocks"])
 
 
 # --- arbitrary masks --------------------------------------------------------

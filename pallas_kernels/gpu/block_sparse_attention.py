@@ -1,0 +1,286 @@
+"""Block-sparse flash attention for GPU: Pallas with the Triton lowering.
+
+Forward and dQ programs own one (q block, head, batch) and walk that row's
+full then partial kv-block lists; dK/dV programs own one (kv block, q head,
+batch) and walk the transposed lists. Lists are ordinary inputs read inside
+the kernel (the GPU backends have no scalar prefetch) and trip counts come
+from the counts. Full blocks skip all element-mask work. GQA: dK/dV are
+computed per q head and summed per kv head outside the kernel.
+
+`attention` (bottom) is the custom_vjp entry used by sparsejax.attention;
+`sparsejax.reference.attention_reference` is the definition it must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from sparsejax import block_math
+from sparsejax.block_mask import next_power_of_2
+from sparsejax.vjp import make_vjp
+
+# jax 0.11 deprecates the Triton lowering; silence that one warning here.
+warnings.filterwarnings("ignore", message=".*Triton.*deprecated.*",
+                        category=DeprecationWarning)
+warnings.filterwarnings("ignore", module="jax._src.pallas.*",
+                        category=DeprecationWarning)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+  """Warps and pipeline stages; block sizes come from the BlockMask."""
+  num_warps_fwd: Optional[int] = None  # None: 4 for head_dim <= 64, else 8
+  num_stages_fwd: int = 2
+  num_warps_bwd: Optional[int] = None
+  num_stages_bwd: int = 2
+
+  def __post_init__(self):
+    for name in ("num_warps_fwd", "num_warps_bwd"):
+      w = getattr(self, name)
+      if w is not None and (w < 1 or w & (w - 1) or w > 16):
+        raise ValueError(f"{name} must be a power of two in [1, 16], got {w}")
+    for name in ("num_stages_fwd", "num_stages_bwd"):
+      if not 1 <= getattr(self, name) <= 8:
+        raise ValueError(f"{name} must be in [1, 8], got "
+                         f"{getattr(self, name)}")
+
+  def warps(self, which: str, head_dim: int) -> int:
+    w = getattr(self, f"num_warps_{which}")
+    return w if w is not None else (4 if head_dim <= 64 else 8)
+
+
+def validate_blocks(block_q: int, block_kv: int, head_dim: int) -> None:
+  for name, b in (("block_q", block_q), ("block_kv", block_kv)):
+    if b < 16 or b > 256 or b & (b - 1):
+      raise ValueError(f"pallas_triton needs {name} a power of two in "
+                       f"[16, 256], got {b}")
+  if head_dim & (head_dim - 1):
+    raise ValueError(f"head_dim must be padded to a power of two, got "
+                     f"{head_dim}")
+
+
+def _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
+  out = [(fc_ref, fi_ref, None)]
+  if cfg.mask_fn is not None:
+    out.append((pc_ref, pi_ref, cfg.mask_fn))
+  return out
+
+
+def _program_ids(nq_rev: Optional[int]):
+  i, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  if nq_rev is not None:  # heaviest (last) q blocks first: better tail balance
+    i = nq_rev - 1 - i
+  return b, h, i
+
+
+# --- forward ----------------------------------------------------------------
+
+
+def _fwd_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, o_ref,
+                lse_ref, *, cfg, nq):
+  bq, bk = cfg.block_q, cfg.block_kv
+  b, h, i = _program_ids(nq)
+  ragged = cfg.kv_len % bk != 0
+  q = q_ref[...]
+  carry = (jnp.full((bq,), -jnp.inf, jnp.float32),
+           jnp.zeros((bq,), jnp.float32),
+           jnp.zeros((bq, v_ref.shape[-1]), jnp.float32))
+  for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
+
+    def body(j, c, idx_ref=idx_ref, fn=fn):
+      start = pl.multiple_of(idx_ref[j] * bk, bk)
+      s = block_math.scores(q, k_ref[pl.ds(start, bk), :], cfg.scale,
+                            cfg.soft_cap)
+      vis = block_math.element_mask(fn, b, h, i * bq, start, bq, bk,
+                                    cfg.kv_len, ragged)
+      return block_math.online_softmax_step(s, v_ref[pl.ds(start, bk), :],
+                                            *c, vis)
+
+    carry = jax.lax.fori_loop(0, cnt_ref[...], body, carry)
+  out, lse = block_math.finalize(*carry, o_ref.dtype)
+  o_ref[...] = out
+  lse_ref[...] = lse
+
+
+def _list_specs(width_f, width_p, index):
+  """BlockSpecs of (full count, full idx, partial count, partial idx)."""
+  cnt = pl.BlockSpec((None, None, None), lambda *g: index(*g))
+  return [cnt, pl.BlockSpec((None, None, None, width_f),
+                            lambda *g: index(*g) + (0,)),
+          cnt, pl.BlockSpec((None, None, None, width_p),
+                            lambda *g: index(*g) + (0,))]
+
+
+def _pad_width(idx):
+  w = next_power_of_2(idx.shape[-1])
+  return jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, w - idx.shape[-1])],
+                 mode="edge")
+
+
+def forward(q, k, v, lists, cfg):
+  b, lq, h, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  group = h // hkv
+  bq = cfg.block_q
+  nq = lq // bq
+  validate_blocks(bq, cfg.block_kv, d)
+  tuning = cfg.tuning or TuningConfig()
+  fi, pi = _pad_width(lists["full_idx"]), _pad_width(lists["partial_idx"])
+  row = lambda i, hh, bb: (bb, hh, nq - 1 - i)
+  in_specs = _list_specs(fi.shape[-1], pi.shape[-1], row) + [
+      pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, nq - 1 - i, hh,
+                                                           0)),
+      pl.BlockSpec((None, lk, None, d), lambda i, hh, bb: (bb, 0, hh // group,
+                                                           0)),
+      pl.BlockSpec((None, lk, None, d), lambda i, hh, bb: (bb, 0, hh // group,
+                                                           0)),
+  ]
+  out_specs = [
+      pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, nq - 1 - i, hh,
+                                                           0)),
+      pl.BlockSpec((None, None, bq), row),
+  ]
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg, nq=nq),
+      grid=(nq, h, b),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
+      compiler_params=pltriton.CompilerParams(
+          num_warps=tuning.warps("fwd", d), num_stages=tuning.num_stages_fwd),
+      interpret=cfg.interpret,
+      name="sparsejax_block_sparse_fwd",
+  )(lists["full_counts"], fi, lists["partial_counts"], pi, q, k, v)
+
+
+# --- backward: dQ over row lists --------------------------------------------
+
+
+def _dq_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *, cfg, nq):
+  bq, bk = cfg.block_q, cfg.block_kv
+  b, h, i = _program_ids(nq)
+  ragged = cfg.kv_len % bk != 0
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  dq = jnp.zeros(q.shape, jnp.float32)
+  prec = block_math.dot_precision(q.dtype)
+  for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
+
+    def body(j, acc, idx_ref=idx_ref, fn=fn):
+      start = pl.multiple_of(idx_ref[j] * bk, bk)
+      k = k_ref[pl.ds(start, bk), :]
+      vis = block_math.element_mask(fn, b, h, i * bq, start, bq, bk,
+                                    cfg.kv_len, ragged)
+      _, ds = block_math.probs_and_dscores(q, k, v_ref[pl.ds(start, bk), :],
+                                           do, lse, delta, cfg.scale,
+                                           cfg.soft_cap, vis)
+      return acc + jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
+                               preferred_element_type=jnp.float32)
+
+    dq = jax.lax.fori_loop(0, cnt_ref[...], body, dq)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+# --- backward: dK/dV over column lists --------------------------------------
+
+
+def _dkv_kernel(fc_ref, fi_ref, pc_ref, pi_ref, k_ref, v_ref, q_ref, do_ref,
+                lse_ref, delta_ref, dk_ref, dv_ref, *, cfg):
+  bq, bk = cfg.block_q, cfg.block_kv
+  b, h, j = _program_ids(None)
+  ragged = cfg.kv_len % bk != 0
+  k, v = k_ref[...], v_ref[...]
+  carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  prec = block_math.dot_precision(k.dtype)
+  for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
+
+    def body(t, c, idx_ref=idx_ref, fn=fn):
+      qs = pl.multiple_of(idx_ref[t] * bq, bq)
+      q = q_ref[pl.ds(qs, bq), :]
+      do = do_ref[pl.ds(qs, bq), :]
+      vis = block_math.element_mask(fn, b, h, qs, j * bk, bq, bk, cfg.kv_len,
+                                    ragged)
+      p, ds = block_math.probs_and_dscores(q, k, v, do, lse_ref[pl.ds(qs, bq)],
+                                           delta_ref[pl.ds(qs, bq)], cfg.scale,
+                                           cfg.soft_cap, vis)
+      dk = c[0] + jax.lax.dot_general(
+          ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), precision=prec,
+          preferred_element_type=jnp.float32)
+      dv = c[1] + jax.lax.dot_general(
+          p.astype(do.dtype), do, (((0,), (0,)), ((), ())), precision=prec,
+          preferred_element_type=jnp.float32)
+      return dk, dv
+
+    carry = jax.lax.fori_loop(0, cnt_ref[...], body, carry)
+  dk_ref[...] = carry[0].astype(dk_ref.dtype)
+  dv_ref[...] = carry[1].astype(dv_ref.dtype)
+
+
+def backward(q, k, v, out, lse, do, delta, lists, cfg):
+  del out
+  b, lq, h, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  group = h // hkv
+  bq, bk = cfg.block_q, cfg.block_kv
+  nq, nk = lq // bq, lk // bk
+  tuning = cfg.tuning or TuningConfig()
+  params = pltriton.CompilerParams(num_warps=tuning.warps("bwd", d),
+                                   num_stages=tuning.num_stages_bwd)
+  do = do.astype(q.dtype)
+
+  fi, pi = _pad_width(lists["full_idx"]), _pad_width(lists["partial_idx"])
+  row = lambda i, hh, bb: (bb, hh, nq - 1 - i)
+  q_blk = pl.BlockSpec((None, bq, None, d),
+                       lambda i, hh, bb: (bb, nq - 1 - i, hh, 0))
+  kv_all = pl.BlockSpec((None, lk, None, d),
+                        lambda i, hh, bb: (bb, 0, hh // group, 0))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, nq=nq),
+      grid=(nq, h, b),
+      in_specs=_list_specs(fi.shape[-1], pi.shape[-1], row) + [
+          q_blk, kv_all, kv_all, q_blk,
+          pl.BlockSpec((None, None, bq), row),
+          pl.BlockSpec((None, None, bq), row)],
+      out_specs=q_blk,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params, interpret=cfg.interpret,
+      name="sparsejax_block_sparse_dq",
+  )(lists["full_counts"], fi, lists["partial_counts"], pi, q, k, v, do, lse,
+    delta)
+
+  fit, pit = _pad_width(lists["full_idx_t"]), _pad_width(lists["partial_idx_t"])
+  col = lambda j, hh, bb: (bb, hh, j)
+  kv_blk = pl.BlockSpec((None, bk, None, d),
+                        lambda j, hh, bb: (bb, j, hh // group, 0))
+  q_all = pl.BlockSpec((None, lq, None, d), lambda j, hh, bb: (bb, 0, hh, 0))
+  row_all = pl.BlockSpec((None, None, lq), lambda j, hh, bb: (bb, hh, 0))
+  dkv_dtype = k.dtype if group == 1 else jnp.float32
+  out_blk = pl.BlockSpec((None, bk, None, d), lambda j, hh, bb: (bb, j, hh, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg),
+      grid=(nk, h, b),
+      in_specs=_list_specs(fit.shape[-1], pit.shape[-1], col) + [
+          kv_blk, kv_blk, q_all, q_all, row_all, row_all],
+      out_specs=[out_blk, out_blk],
+      out_shape=[jax.ShapeDtypeStruct((b, lk, h, d), dkv_dtype)] * 2,
+      compiler_params=params, interpret=cfg.interpret,
+      name="sparsejax_block_sparse_dkv",
+  )(lists["full_counts_t"], fit, lists["partial_counts_t"], pit, k, v, q, do,
+    lse, delta)
+  if group > 1:  # sum the q heads of each kv head
+    dk = dk.reshape(b, lk, hkv, group, d).sum(3).astype(k.dtype)
+    dv = dv.reshape(b, lk, hkv, group, d).sum(3).astype(v.dtype)
+  return dq, dk, dv
+
+
+attention = make_vjp(forward, backward)

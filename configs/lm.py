@@ -1,0 +1,79 @@
+r"""Decoder-only LM on an offline text task, attention variant from the arg.
+
+  python -m experiments.train --config=configs/lm.py --workdir=/tmp/lm
+  python -m experiments.train --config=configs/lm.py:attention=dense,small \
+      --workdir=/tmp/lm --config.num_train_steps=50
+
+Arg keys: attention (a registered variant: dense, sliding_window, s2,
+block_sparse, ...), small (a tiny smoke-test model), task (data.name).
+The default is a small S2 LM that trains in a few minutes on 2 CPU cores.
+"""
+
+import ml_collections
+
+from configs import common
+
+# Per-variant options; the arg picks one (a lookup, not a branch per variant).
+_ATTENTION_OPTIONS = {
+    "dense": dict(block_size=32),
+    "sliding_window": dict(window=64, block_size=32),
+    "s2": dict(block_size=16, local_blocks=4, vert_stride=2,
+               num_dense_heads=0, homo_head=False, head_sliding_offset=0),
+    "block_sparse": dict(block_size=32, pattern=None),
+}
+
+
+def get_config(arg=None):
+  """Returns the LM experiment config; see the module docstring for `arg`."""
+  arg = common.parse_arg(arg, attention="s2", small=False, task="text_corpus")
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.dtype = "float32"
+  config.seq_len = 64 if arg.small else 256
+  config.batch_size = 8 if arg.small else 16
+  config.num_train_steps = 20 if arg.small else 300
+
+  config.data = ml_collections.ConfigDict(dict(name=arg.task, data_dir=None))
+
+  config.model = ml_collections.ConfigDict(dict(
+      name="lm", d_model=32 if arg.small else 128,
+      num_layers=2 if arg.small else 4, num_heads=4, num_kv_heads=2,
+      head_dim=ml_collections.config_dict.placeholder(int), rope_theta=1e4))
+  # Derived: follows --config.model.d_model overrides.
+  config.model.mlp_dim = config.model.get_ref("d_model") * 4
+
+  if arg.attention not in _ATTENTION_OPTIONS:
+    # Variants registered elsewhere take their options from the command line.
+    options = dict(block_size=32)
+  else:
+    options = dict(_ATTENTION_OPTIONS[arg.attention])
+  if arg.attention == "block_sparse":
+    # Example pattern: a two-block local band plus the first (sink) column.
+    nb = config.seq_len // options["block_size"]
+    options["pattern"] = [[j == 0 or i - 1 <= j <= i for j in range(nb)]
+                          for i in range(nb)]
+  config.attention = ml_collections.ConfigDict(dict(
+      name=arg.attention, impl="auto", soft_cap=None, options=options,
+      dense_every_n=0, dense_first=0, dense_last=0, layers=None))
+  config.attention.soft_cap = ml_collections.config_dict.placeholder(float)
+  config.attention.layers = ml_collections.config_dict.placeholder(str)
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      clip_norm=1.0, end_lr_factor=0.1))
+  config.optimizer.warmup_steps = config.get_ref("num_train_steps") // 10
+  config.optimizer.decay_steps = config.get_ref("num_train_steps")
+
+  config.log_every = 5 if arg.small else 20
+  config.eval_every = config.get_ref("num_train_steps")
+  config.eval_steps = 2 if arg.small else 8
+  config.eval_batch_size = config.get_ref("batch_size")
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every=config.get_ref("num_train_steps") // 2, keep=2, async_save=False))
+  # Sizes of the data / fsdp / tensor mesh axes; -1 takes the rest.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Peak FLOP/s of one device for the MFU estimate (None: look it up, or
+  # report TFLOP/s only).
+  config.peak_flops = ml_collections.config_dict.placeholder(float)
+  config.progress_bar = True
+  return config

@@ -31,7 +31,10 @@ cfg.name (data.NAMES, or "tfds:<name>"), batch layouts:
 Synthetic tasks also take num_examples, num_eval_examples, data_seed.
 cfg.data_dir None -> $SPARSEJAX_DATA_DIR or ~/.cache/sparsejax/tfds; each
 setting is built there on first use (seconds for the defaults), then reused.
-Optional cfg.worker_count (grain worker processes, default 0).
+Optional cfg.worker_count (grain worker processes, default 0). With workers,
+absl flags must be parsed (absl.app.run does it; else grain raises
+UnparsedFlagAccessError), and batches are deterministic per worker_count but
+differ between counts: resume with the worker_count that saved the state.
 
 Checkpointing the iterator with orbax (grain 0.2.18): the handler is
 `grain.checkpoint.CheckpointHandler` with the args `grain.checkpoint

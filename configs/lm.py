@@ -17,7 +17,8 @@ from configs import common
 _ATTENTION_OPTIONS = {
     "dense": dict(block_size=32),
     "sliding_window": dict(window=64, block_size=32),
-    "s2": dict(block_size=16, local_blocks=4, vert_stride=2,
+    # 2 kv heads -> 2 distinct S2 shards: vert_stride 2 covers the context.
+    "s2": dict(block_size=32, local_blocks=2, vert_stride=2,
                num_dense_heads=0, homo_head=False, head_sliding_offset=0),
     "block_sparse": dict(block_size=32, pattern=None),
 }
@@ -30,14 +31,14 @@ def get_config(arg=None):
   config.seed = 0
   config.dtype = "float32"
   config.seq_len = 64 if arg.small else 256
-  config.batch_size = 8 if arg.small else 16
-  config.num_train_steps = 20 if arg.small else 300
+  config.batch_size = 8
+  config.num_train_steps = 20 if arg.small else 400
 
   config.data = ml_collections.ConfigDict(dict(name=arg.task, data_dir=None))
 
   config.model = ml_collections.ConfigDict(dict(
       name="lm", d_model=32 if arg.small else 128,
-      num_layers=2 if arg.small else 4, num_heads=4, num_kv_heads=2,
+      num_layers=2, num_heads=4, num_kv_heads=2,
       head_dim=ml_collections.config_dict.placeholder(int), rope_theta=1e4))
   # Derived: follows --config.model.d_model overrides.
   config.model.mlp_dim = config.model.get_ref("d_model") * 4

@@ -49,10 +49,11 @@ class Checkpointer:
   def __init__(self, directory: str, *, every: int, keep: int,
                async_save: bool = False):
     self.directory = os.path.abspath(directory)
+    self.every = max(int(every), 1)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=max(int(every), 1), max_to_keep=keep,
+            max_to_keep=keep,
             enable_async_checkpointing=async_save,
             # Half-written (interrupted) saves are never listed; drop them.
             cleanup_tmp_directories=True),
@@ -66,12 +67,18 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter=None, *,
            force: bool = False) -> bool:
-    """Saves if `step` is due (or `force`); returns whether it saved."""
+    """Saves if `step` is a multiple of `every` (or `force`).
+
+    Returns whether it saved. The policy is ours, not orbax's (which would
+    also save the first step it sees).
+    """
+    if not force and step % self.every:
+      return False
     items = dict(state=ocp.args.StandardSave(flatten(state)))
     if data_iter is not None:
       items["data"] = grain_ckpt.CheckpointSave(data_iter)
     saved = self._manager.save(step, args=ocp.args.Composite(**items),
-                               force=force)
+                               force=True)
     if saved:
       logging.info("saved checkpoint %d in %s", step, self.directory)
     return saved

@@ -105,9 +105,9 @@ def _train_step(graphdef, tx, task, state, consts, batch):
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state)
-  return new_state, dict(loss=loss, grad_norm=optax.global_norm(grads),
-                         param_norm=optax.global_norm(params),
-                         update_norm=optax.global_norm(updates))
+  return new_state, dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                         param_norm=optax.tree.norm(params),
+                         update_norm=optax.tree.norm(updates))
 
 
 def _eval_step(graphdef, task, params, consts, batch):

@@ -58,7 +58,7 @@ def _pad_axis(x, axis, size):
 def attention(q, k, v, mask: Optional[BlockMask] = None, *,
               scale: Optional[float] = None, soft_cap: Optional[float] = None,
               impl: str = "auto", interpret: bool = False,
-              return_lse: bool = False):
+              return_lse: bool = False, tuning=None):
   """Block-sparse softmax attention.
 
   Args:
@@ -72,6 +72,9 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
       "pallas_tpu" or "auto".
     interpret: run a Pallas implementation in interpret mode (CPU).
     return_lse: also return the log-sum-exp [batch, heads, q_len] (f32).
+    tuning: implementation-specific settings (e.g. the Triton kernel's
+      `pallas_kernels.gpu.block_sparse_attention.TuningConfig`); None picks
+      defaults.
 
   Softmax is in f32 whatever the input dtype; a query row with no visible key
   gives output 0, lse -inf and zero gradients.
@@ -107,7 +110,7 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
            for f, x in lists.items()}
   cfg = StaticConfig(block_q=bq, block_kv=bk, q_len=lq, kv_len=lk,
                      mask_fn=mask.mask_fn, scale=scale, soft_cap=soft_cap,
-                     interpret=interpret)
+                     interpret=interpret, tuning=tuning)
   out, lse = implementation.load()(qp, kp, vp, lists, cfg)
   out, lse = out[:, :lq, :, :d], lse[:, :, :lq]
   return (out, lse) if return_lse else out

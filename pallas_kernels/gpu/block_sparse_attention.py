@@ -36,11 +36,30 @@ warnings.filterwarnings("ignore", module="jax._src.pallas.*",
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
-  """Warps and pipeline stages; block sizes come from the BlockMask."""
+  """Warps, stages and sub-tiles; the list blocks come from the BlockMask.
+
+  A mask block can be walked in smaller sub-tiles: the forward splits each kv
+  block into `sub_kv_fwd` columns, dQ each kv block into `sub_kv_dq` columns
+  and dK/dV each q block into `sub_q_dkv` rows (as Triton's fused attention
+  tutorial does), which keeps register pressure down at head_dim 128.
+  None means the whole block (capped at 32 for the backward sub-tiles).
+  """
   num_warps_fwd: Optional[int] = None  # None: 4 for head_dim <= 64, else 8
   num_stages_fwd: int = 2
   num_warps_bwd: Optional[int] = None
   num_stages_bwd: int = 2
+  sub_kv_fwd: Optional[int] = None
+  sub_kv_dq: Optional[int] = None
+  sub_q_dkv: Optional[int] = None
+
+  def sub(self, name: str, block: int) -> int:
+    v = getattr(self, name)
+    if v is None:
+      v = block if name == "sub_kv_fwd" else min(block, 32)
+    if v < 16 or v & (v - 1) or block % v:
+      raise ValueError(f"{name} must be a power of two >= 16 dividing the "
+                       f"block ({block}), got {v}")
+    return v
 
   def __post_init__(self):
     for name in ("num_warps_fwd", "num_warps_bwd"):
@@ -85,7 +104,7 @@ def _program_ids(nq_rev: Optional[int]):
 
 
 def _fwd_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, o_ref,
-                lse_ref, *, cfg, nq):
+                lse_ref, *, cfg, nq, sk):
   bq, bk = cfg.block_q, cfg.block_kv
   b, h, i = _program_ids(nq)
   ragged = cfg.kv_len % bk != 0
@@ -96,13 +115,16 @@ def _fwd_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, o_ref,
   for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
 
     def body(j, c, idx_ref=idx_ref, fn=fn):
-      start = pl.multiple_of(idx_ref[j] * bk, bk)
-      s = block_math.scores(q, k_ref[pl.ds(start, bk), :], cfg.scale,
-                            cfg.soft_cap)
-      vis = block_math.element_mask(fn, b, h, i * bq, start, bq, bk,
-                                    cfg.kv_len, ragged)
-      return block_math.online_softmax_step(s, v_ref[pl.ds(start, bk), :],
-                                            *c, vis)
+      base = idx_ref[j] * bk
+      for t in range(bk // sk):  # sub-tiles of the kv block
+        start = pl.multiple_of(base + t * sk, sk)
+        s = block_math.scores(q, k_ref[pl.ds(start, sk), :], cfg.scale,
+                              cfg.soft_cap)
+        vis = block_math.element_mask(fn, b, h, i * bq, start, bq, sk,
+                                      cfg.kv_len, ragged)
+        c = block_math.online_softmax_step(s, v_ref[pl.ds(start, sk), :], *c,
+                                           vis)
+      return c
 
     carry = jax.lax.fori_loop(0, cnt_ref[...], body, carry)
   out, lse = block_math.finalize(*carry, o_ref.dtype)
@@ -149,7 +171,8 @@ def forward(q, k, v, lists, cfg):
       pl.BlockSpec((None, None, bq), row),
   ]
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg, nq=nq),
+      functools.partial(_fwd_kernel, cfg=cfg, nq=nq,
+                        sk=tuning.sub("sub_kv_fwd", cfg.block_kv)),
       grid=(nq, h, b),
       in_specs=in_specs,
       out_specs=out_specs,
@@ -166,7 +189,7 @@ def forward(q, k, v, lists, cfg):
 
 
 def _dq_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, cfg, nq):
+               lse_ref, delta_ref, dq_ref, *, cfg, nq, sk):
   bq, bk = cfg.block_q, cfg.block_kv
   b, h, i = _program_ids(nq)
   ragged = cfg.kv_len % bk != 0
@@ -177,15 +200,18 @@ def _dq_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
   for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
 
     def body(j, acc, idx_ref=idx_ref, fn=fn):
-      start = pl.multiple_of(idx_ref[j] * bk, bk)
-      k = k_ref[pl.ds(start, bk), :]
-      vis = block_math.element_mask(fn, b, h, i * bq, start, bq, bk,
-                                    cfg.kv_len, ragged)
-      _, ds = block_math.probs_and_dscores(q, k, v_ref[pl.ds(start, bk), :],
-                                           do, lse, delta, cfg.scale,
-                                           cfg.soft_cap, vis)
-      return acc + jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
-                               preferred_element_type=jnp.float32)
+      base = idx_ref[j] * bk
+      for t in range(bk // sk):
+        start = pl.multiple_of(base + t * sk, sk)
+        k = k_ref[pl.ds(start, sk), :]
+        vis = block_math.element_mask(fn, b, h, i * bq, start, bq, sk,
+                                      cfg.kv_len, ragged)
+        _, ds = block_math.probs_and_dscores(q, k, v_ref[pl.ds(start, sk), :],
+                                             do, lse, delta, cfg.scale,
+                                             cfg.soft_cap, vis)
+        acc += jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
+                           preferred_element_type=jnp.float32)
+      return acc
 
     dq = jax.lax.fori_loop(0, cnt_ref[...], body, dq)
   dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -195,7 +221,7 @@ def _dq_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
 
 
 def _dkv_kernel(fc_ref, fi_ref, pc_ref, pi_ref, k_ref, v_ref, q_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, *, cfg):
+                lse_ref, delta_ref, dk_ref, dv_ref, *, cfg, sq):
   bq, bk = cfg.block_q, cfg.block_kv
   b, h, j = _program_ids(None)
   ragged = cfg.kv_len % bk != 0
@@ -205,20 +231,23 @@ def _dkv_kernel(fc_ref, fi_ref, pc_ref, pi_ref, k_ref, v_ref, q_ref, do_ref,
   for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
 
     def body(t, c, idx_ref=idx_ref, fn=fn):
-      qs = pl.multiple_of(idx_ref[t] * bq, bq)
-      q = q_ref[pl.ds(qs, bq), :]
-      do = do_ref[pl.ds(qs, bq), :]
-      vis = block_math.element_mask(fn, b, h, qs, j * bk, bq, bk, cfg.kv_len,
-                                    ragged)
-      p, ds = block_math.probs_and_dscores(q, k, v, do, lse_ref[pl.ds(qs, bq)],
-                                           delta_ref[pl.ds(qs, bq)], cfg.scale,
-                                           cfg.soft_cap, vis)
-      dk = c[0] + jax.lax.dot_general(
-          ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), precision=prec,
-          preferred_element_type=jnp.float32)
-      dv = c[1] + jax.lax.dot_general(
-          p.astype(do.dtype), do, (((0,), (0,)), ((), ())), precision=prec,
-          preferred_element_type=jnp.float32)
+      dk, dv = c
+      base = idx_ref[t] * bq
+      for u in range(bq // sq):  # sub-tiles of the q block
+        qs = pl.multiple_of(base + u * sq, sq)
+        q = q_ref[pl.ds(qs, sq), :]
+        do = do_ref[pl.ds(qs, sq), :]
+        vis = block_math.element_mask(fn, b, h, qs, j * bk, sq, bk,
+                                      cfg.kv_len, ragged)
+        p, ds = block_math.probs_and_dscores(
+            q, k, v, do, lse_ref[pl.ds(qs, sq)], delta_ref[pl.ds(qs, sq)],
+            cfg.scale, cfg.soft_cap, vis)
+        dk += jax.lax.dot_general(
+            ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), precision=prec,
+            preferred_element_type=jnp.float32)
+        dv += jax.lax.dot_general(
+            p.astype(do.dtype), do, (((0,), (0,)), ((), ())), precision=prec,
+            preferred_element_type=jnp.float32)
       return dk, dv
 
     carry = jax.lax.fori_loop(0, cnt_ref[...], body, carry)
@@ -245,7 +274,8 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   kv_all = pl.BlockSpec((None, lk, None, d),
                         lambda i, hh, bb: (bb, 0, hh // group, 0))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, nq=nq),
+      functools.partial(_dq_kernel, cfg=cfg, nq=nq,
+                        sk=tuning.sub("sub_kv_dq", bk)),
       grid=(nq, h, b),
       in_specs=_list_specs(fi.shape[-1], pi.shape[-1], row) + [
           q_blk, kv_all, kv_all, q_blk,
@@ -267,7 +297,8 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   dkv_dtype = k.dtype if group == 1 else jnp.float32
   out_blk = pl.BlockSpec((None, bk, None, d), lambda j, hh, bb: (bb, j, hh, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg),
+      functools.partial(_dkv_kernel, cfg=cfg,
+                        sq=tuning.sub("sub_q_dkv", bq)),
       grid=(nk, h, b),
       in_specs=_list_specs(fit.shape[-1], pit.shape[-1], col) + [
           kv_blk, kv_blk, q_all, q_all, row_all, row_all],

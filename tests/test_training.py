@@ -26,11 +26,11 @@ def tiny_config(**overrides):
   config.checkpoint.keep = 3
   config.progress_bar = False
   for key, value in overrides.items():
-    node, *path = key.split(".")
+    *parents, leaf = key.split(".")
     target = config
-    for p in [node] + path[:-1]:
+    for p in parents:
       target = target[p]
-    target[(path or [node])[-1]] = value
+    target[leaf] = value
   return config
 
 

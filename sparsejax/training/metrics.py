@@ -21,6 +21,10 @@ PEAK_FLOPS = {
 }
 
 
+# Logged to TensorBoard but left off the console line to keep it short.
+_TB_ONLY = frozenset({"param_norm", "update_norm", "step_time_s"})
+
+
 class NonFiniteError(FloatingPointError):
   """A training metric became NaN or inf."""
 
@@ -59,7 +63,8 @@ class Writer:
       return
     for name, value in scalars.items():
       self._tb.add_scalar(f"{prefix}{name}", float(value), step)
-    text = ", ".join(f"{prefix}{k}={_fmt(v)}" for k, v in scalars.items())
+    shown = {k: v for k, v in scalars.items() if k not in _TB_ONLY}
+    text = ", ".join(f"{prefix}{k}={_fmt(v)}" for k, v in shown.items())
     tqdm.tqdm.write(f"step {step}: {text}")  # above the bar, if any
 
   def progress(self, step: int, postfix: Mapping[str, float]) -> None:

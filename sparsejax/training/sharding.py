@@ -67,8 +67,14 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
+def _param_name(path) -> str:
+  # Dict keys name parameters; nnx.Variable adds a trailing `.value`.
+  keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return str(keys[-1]) if keys else ""
+
+
 def _spec(path, shape, mesh) -> P:
-  name = str(getattr(path[-1], "key", path[-1])) if path else ""
+  name = _param_name(path)
   for pattern, axes in PARAM_RULES:
     if re.search(pattern, name) and len(axes) == len(shape):
       return P(*(a if a and dim % mesh.shape[a] == 0 else None

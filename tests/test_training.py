@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import lm as lm_config
+from configs import vit as vit_config
 from sparsejax import training
 from sparsejax.training import checkpoints
 
@@ -138,3 +139,22 @@ def test_config_errors():
   with pytest.raises(ValueError, match="valid names"):
     training.train_and_evaluate(tiny_config(**{"attention.name": "nope"}),
                                 "/tmp/unused_workdir")
+
+
+def test_vit_pathfinder_runs(tmp_path):
+  config = vit_config.get_config("small,attention=s2")
+  config.num_train_steps, config.eval_steps = 2, 1
+  config.progress_bar = False
+  result = training.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= result["eval"]["accuracy"] <= 1.0
+  assert np.isfinite(result["eval"]["loss"])
+
+
+def test_derived_config_fields_follow_overrides():
+  config = lm_config.get_config("")
+  config.num_train_steps = 1000
+  config.model.d_model = 64
+  assert config.optimizer.decay_steps == 1000
+  assert config.optimizer.warmup_steps == 100
+  assert config.checkpoint.every == 500
+  assert config.model.mlp_dim == 256

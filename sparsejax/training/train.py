@@ -80,6 +80,10 @@ class Experiment:
       out = self.eval_step(params, self.consts,
                            sharding.shard_batch(batch, self.mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if sums is None:
+      raise ValueError(f"the eval split of {self.config.data.name!r} has "
+                       "fewer examples than eval_batch_size="
+                       f"{self.config.eval_batch_size}")
     return {k: float(v) for k, v in
             self.task.finalize(jax.device_get(sums)).items()}
 

@@ -5,7 +5,8 @@ r"""Decoder-only LM on an offline text task, attention variant from the arg.
       --workdir=/tmp/lm --config.num_train_steps=50
 
 Arg keys: attention (a registered variant: dense, sliding_window, s2,
-block_sparse, ...), small (a tiny smoke-test model), task (data.name).
+block_sparse, ...), small (a tiny smoke-test model), task (data.name:
+text_corpus, mqar, needle; listops trains a bidirectional classifier).
 The default is a small S2 LM that trains in a few minutes on 2 CPU cores.
 """
 
@@ -24,6 +25,10 @@ _ATTENTION_OPTIONS = {
 }
 
 
+# Sequence-classification tasks use the bidirectional encoder.
+_MODEL_FOR_TASK = {"listops": "seq_cls"}
+
+
 def get_config(arg=None):
   """Returns the LM experiment config; see the module docstring for `arg`."""
   arg = common.parse_arg(arg, attention="s2", small=False, task="text_corpus")
@@ -37,7 +42,7 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict(dict(name=arg.task, data_dir=None))
 
   config.model = ml_collections.ConfigDict(dict(
-      name="lm", d_model=32 if arg.small else 128,
+      name=_MODEL_FOR_TASK.get(arg.task, "lm"), d_model=32 if arg.small else 128,
       num_layers=2, num_heads=4, num_kv_heads=2,
       head_dim=ml_collections.config_dict.placeholder(int), rope_theta=1e4))
   # Derived: follows --config.model.d_model overrides.

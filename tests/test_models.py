@@ -153,6 +153,15 @@ def test_unknown_model_attention_name():
     _lm(dict(name="sparse_magic"))
 
 
+def test_sequence_classifier_forward():
+  model = nn.SequenceClassifier(
+      vocab_size=32, num_classes=10, seq_len=64, d_model=32, num_layers=1,
+      num_heads=4, num_kv_heads=2, mlp_dim=64, attention=S2,
+      rngs=nnx.Rngs(0))
+  logits = model(jnp.ones((2, 64), jnp.int32))
+  assert logits.shape == (2, 10) and model.flops_per_token() > 0
+
+
 # --- ViT --------------------------------------------------------------------
 
 

@@ -7,5 +7,6 @@ from sparsejax.nn.layers import Attention
 from sparsejax.nn.layers import AttentionMask
 from sparsejax.nn.layers import RMSNorm
 from sparsejax.nn.layers import SwiGLU
+from sparsejax.nn.lm import SequenceClassifier
 from sparsejax.nn.lm import TransformerLM
 from sparsejax.nn.vit import ViT

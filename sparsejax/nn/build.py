@@ -15,6 +15,13 @@ def _lm(model: Mapping[str, Any], attention, info, seq_len, rngs, dtype):
                           **model)
 
 
+def _seq_cls(model: Mapping[str, Any], attention, info, seq_len, rngs, dtype):
+  return lm.SequenceClassifier(vocab_size=info["vocab_size"],
+                               num_classes=info["num_classes"],
+                               seq_len=seq_len, attention=attention,
+                               rngs=rngs, dtype=dtype, **model)
+
+
 def _vit(model: Mapping[str, Any], attention, info, seq_len, rngs, dtype):
   del seq_len  # the image size fixes the token count
   return vit.ViT(image_shape=tuple(info["image_shape"]),
@@ -22,7 +29,8 @@ def _vit(model: Mapping[str, Any], attention, info, seq_len, rngs, dtype):
                  rngs=rngs, dtype=dtype, **model)
 
 
-MODELS: dict[str, Callable[..., nnx.Module]] = {"lm": _lm, "vit": _vit}
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "lm": _lm, "seq_cls": _seq_cls, "vit": _vit}
 
 
 def build_model(config, task_info: Mapping[str, Any], *, seed: int = 0):

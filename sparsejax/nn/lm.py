@@ -1,4 +1,4 @@
-"""Decoder-only language model with per-layer attention variants.
+"""Decoder-only LM (and a bidirectional sequence classifier).
 
 RoPE, RMSNorm, SwiGLU, GQA; each layer's attention mask comes from
 `attention_registry`, so hybrid schedules (e.g. S2 with every 4th layer
@@ -38,6 +38,27 @@ def build_layer_masks(num_layers: int, seq_len: int, num_heads: int,
       **options) for n in schedule]
 
 
+def _blocks(masks, *, d_model, num_heads, num_kv_heads, head_dim, mlp_dim,
+            attention, rope_theta, rngs, dtype):
+  return nnx.List([
+      layers.Block(d_model, mlp_dim, rngs=rngs, dtype=dtype,
+                   attention=layers.Attention(
+                       d_model, num_heads, num_kv_heads, head_dim, mask=mask,
+                       impl=attention.get("impl", "auto"),
+                       soft_cap=attention.get("soft_cap"),
+                       rope_theta=rope_theta, rngs=rngs, dtype=dtype))
+      for mask in masks])
+
+
+def flops_per_token(model) -> float:
+  """Training FLOPs per token: 6 * matmul params + attention scores."""
+  n = sum(p.size for path, p in nnx.iter_graph(model)
+          if isinstance(p, nnx.Param) and "embed" not in map(str, path))
+  attn = sum(12 * b.attn.num_heads * b.attn.head_dim *
+             b.attn.visible_per_query(model.seq_len) for b in model.blocks)
+  return 6.0 * n + attn
+
+
 class TransformerLM(nnx.Module):
   """tokens int32 [B, L] -> logits f32 [B, L, vocab]."""
 
@@ -51,14 +72,10 @@ class TransformerLM(nnx.Module):
                               attention, causal=True)
     self.seq_len = seq_len
     self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
-    self.blocks = nnx.List([
-        layers.Block(d_model, mlp_dim, rngs=rngs, dtype=dtype,
-                     attention=layers.Attention(
-                         d_model, num_heads, num_kv_heads, head_dim,
-                         mask=mask, impl=attention.get("impl", "auto"),
-                         soft_cap=attention.get("soft_cap"),
-                         rope_theta=rope_theta, rngs=rngs, dtype=dtype))
-        for mask in masks])
+    self.blocks = _blocks(
+        masks, d_model=d_model, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_dim=mlp_dim,
+        attention=attention, rope_theta=rope_theta, rngs=rngs, dtype=dtype)
     self.final_norm = layers.RMSNorm(d_model)
     self.unembed = nnx.Linear(d_model, vocab_size, use_bias=False, rngs=rngs)
     self.dtype = dtype
@@ -72,10 +89,37 @@ class TransformerLM(nnx.Module):
     return (x @ self.unembed.kernel[...].astype(self.dtype)).astype(
         jnp.float32)
 
-  def flops_per_token(self) -> float:
-    """Training FLOPs per token: 6 * matmul params + attention scores."""
-    n = sum(p.size for path, p in nnx.iter_graph(self)
-            if isinstance(p, nnx.Param) and "embed" not in map(str, path))
-    attn = sum(12 * b.attn.num_heads * b.attn.head_dim *
-               b.attn.visible_per_query(self.seq_len) for b in self.blocks)
-    return 6.0 * n + attn
+  flops_per_token = flops_per_token
+
+
+class SequenceClassifier(nnx.Module):
+  """Bidirectional encoder, mean-pooled: tokens [B, L] -> logits [B, C].
+
+  The same blocks as the LM with non-causal masks (e.g. ListOps).
+  """
+
+  def __init__(self, *, vocab_size: int, num_classes: int, seq_len: int,
+               d_model: int, num_layers: int, num_heads: int,
+               num_kv_heads: int, mlp_dim: int, attention: Mapping[str, Any],
+               head_dim: Optional[int] = None, rope_theta: float = 10000.0,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    head_dim = head_dim or d_model // num_heads
+    masks = build_layer_masks(num_layers, seq_len, num_heads, num_kv_heads,
+                              attention, causal=False)
+    self.seq_len, self.dtype = seq_len, dtype
+    self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
+    self.blocks = _blocks(
+        masks, d_model=d_model, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_dim=mlp_dim,
+        attention=attention, rope_theta=rope_theta, rngs=rngs, dtype=dtype)
+    self.final_norm = layers.RMSNorm(d_model)
+    self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens).astype(self.dtype)
+    positions = jnp.arange(tokens.shape[1])[None]
+    for block in self.blocks:
+      x = block(x, positions)
+    return self.head(self.final_norm(x).mean(1).astype(jnp.float32))
+
+  flops_per_token = flops_per_token

@@ -64,10 +64,4 @@ class ViT(nnx.Module):
     x = self.final_norm(x).mean(axis=(1, 2))
     return self.head(x.astype(jnp.float32))
 
-  def flops_per_token(self) -> float:
-    """Training FLOPs per patch token (as for the LM)."""
-    n = sum(p.size for _, p in nnx.iter_graph(self)
-            if isinstance(p, nnx.Param))
-    attn = sum(12 * b.attn.num_heads * b.attn.head_dim *
-               b.attn.visible_per_query(self.seq_len) for b in self.blocks)
-    return 6.0 * n + attn
+  flops_per_token = lm.flops_per_token  # pos_embed is not a matmul

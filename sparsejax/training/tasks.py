@@ -50,6 +50,7 @@ def _cls_finalize(sums):
 
 TASKS = {
     "lm": Task(lambda b: b["inputs"], _lm_sums, _lm_finalize),
+    "seq_cls": Task(lambda b: b["inputs"], _cls_sums, _cls_finalize),
     "image_cls": Task(lambda b: b["image"], _cls_sums, _cls_finalize),
 }
 

@@ -41,12 +41,18 @@ _SKIP_BWD_ABOVE = flags.DEFINE_integer("max_bwd_len", 1 << 20,
 _TUNING = flags.DEFINE_string(
     "triton_tuning", "", "TuningConfig fields for pallas_triton, e.g. "
     "'num_warps_fwd=8,num_stages_fwd=3,sub_q_dkv=32'")
+_TUNING_JSON = flags.DEFINE_string(
+    "triton_tuning_json", "", "read --triton_tuning from tune_triton's JSON")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "where to write JSON + plot")
 _PEERS = flags.DEFINE_string("peers", "", "peer_baselines.py JSON to plot")
 
 
 def main(argv):
   del argv
+  if _TUNING_JSON.value:
+    with open(_TUNING_JSON.value) as f:
+      flags.FLAGS.triton_tuning = json.load(f)["best_tuning"]
+    print("tuning:", flags.FLAGS.triton_tuning)
   rows = benchmark.run_grid(
       lengths=[int(x) for x in _LENGTHS.value], cases=_CASES.value,
       contenders=benchmark.contenders(

@@ -93,6 +93,24 @@ def _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
   return out
 
 
+def _walk(cnt_ref, idx_ref, block, sub, body, carry):
+  """Runs body(start, carry) over every `sub`-sized tile of the listed blocks.
+
+  One flat loop over (list entry, sub-tile) pairs, so Triton can pipeline the
+  tile loads across entries (num_stages) instead of seeing unrolled code.
+  """
+  nsub = block // sub
+
+  def step(t, c):
+    # nsub is a power of two; shifts avoid floor-division sign fix-ups that
+    # the Triton lowering rejects.
+    shift = nsub.bit_length() - 1
+    entry, part = jnp.right_shift(t, shift), jnp.bitwise_and(t, nsub - 1)
+    return body(pl.multiple_of(idx_ref[entry] * block + part * sub, sub), c)
+
+  return jax.lax.fori_loop(0, cnt_ref[...] * nsub, step, carry)
+
+
 def _program_ids(nq_rev: Optional[int]):
   i, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   if nq_rev is not None:  # heaviest (last) q blocks first: better tail balance
@@ -114,19 +132,15 @@ def _fwd_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, o_ref,
            jnp.zeros((bq, v_ref.shape[-1]), jnp.float32))
   for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
 
-    def body(j, c, idx_ref=idx_ref, fn=fn):
-      base = idx_ref[j] * bk
-      for t in range(bk // sk):  # sub-tiles of the kv block
-        start = pl.multiple_of(base + t * sk, sk)
-        s = block_math.scores(q, k_ref[pl.ds(start, sk), :], cfg.scale,
-                              cfg.soft_cap)
-        vis = block_math.element_mask(fn, b, h, i * bq, start, bq, sk,
-                                      cfg.kv_len, ragged)
-        c = block_math.online_softmax_step(s, v_ref[pl.ds(start, sk), :], *c,
-                                           vis)
-      return c
+    def body(start, c, fn=fn):
+      s = block_math.scores(q, k_ref[pl.ds(start, sk), :], cfg.scale,
+                            cfg.soft_cap)
+      vis = block_math.element_mask(fn, b, h, i * bq, start, bq, sk,
+                                    cfg.kv_len, ragged)
+      return block_math.online_softmax_step(s, v_ref[pl.ds(start, sk), :], *c,
+                                            vis)
 
-    carry = jax.lax.fori_loop(0, cnt_ref[...], body, carry)
+    carry = _walk(cnt_ref, idx_ref, bk, sk, body, carry)
   out, lse = block_math.finalize(*carry, o_ref.dtype)
   o_ref[...] = out
   lse_ref[...] = lse
@@ -199,21 +213,17 @@ def _dq_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
   prec = block_math.dot_precision(q.dtype)
   for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
 
-    def body(j, acc, idx_ref=idx_ref, fn=fn):
-      base = idx_ref[j] * bk
-      for t in range(bk // sk):
-        start = pl.multiple_of(base + t * sk, sk)
-        k = k_ref[pl.ds(start, sk), :]
-        vis = block_math.element_mask(fn, b, h, i * bq, start, bq, sk,
-                                      cfg.kv_len, ragged)
-        _, ds = block_math.probs_and_dscores(q, k, v_ref[pl.ds(start, sk), :],
-                                             do, lse, delta, cfg.scale,
-                                             cfg.soft_cap, vis)
-        acc += jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
-                           preferred_element_type=jnp.float32)
-      return acc
+    def body(start, acc, fn=fn):
+      k = k_ref[pl.ds(start, sk), :]
+      vis = block_math.element_mask(fn, b, h, i * bq, start, bq, sk,
+                                    cfg.kv_len, ragged)
+      _, ds = block_math.probs_and_dscores(q, k, v_ref[pl.ds(start, sk), :],
+                                           do, lse, delta, cfg.scale,
+                                           cfg.soft_cap, vis)
+      return acc + jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
+                               preferred_element_type=jnp.float32)
 
-    dq = jax.lax.fori_loop(0, cnt_ref[...], body, dq)
+    dq = _walk(cnt_ref, idx_ref, bk, sk, body, dq)
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -230,27 +240,23 @@ def _dkv_kernel(fc_ref, fi_ref, pc_ref, pi_ref, k_ref, v_ref, q_ref, do_ref,
   prec = block_math.dot_precision(k.dtype)
   for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
 
-    def body(t, c, idx_ref=idx_ref, fn=fn):
-      dk, dv = c
-      base = idx_ref[t] * bq
-      for u in range(bq // sq):  # sub-tiles of the q block
-        qs = pl.multiple_of(base + u * sq, sq)
-        q = q_ref[pl.ds(qs, sq), :]
-        do = do_ref[pl.ds(qs, sq), :]
-        vis = block_math.element_mask(fn, b, h, qs, j * bk, sq, bk,
-                                      cfg.kv_len, ragged)
-        p, ds = block_math.probs_and_dscores(
-            q, k, v, do, lse_ref[pl.ds(qs, sq)], delta_ref[pl.ds(qs, sq)],
-            cfg.scale, cfg.soft_cap, vis)
-        dk += jax.lax.dot_general(
-            ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32)
-        dv += jax.lax.dot_general(
-            p.astype(do.dtype), do, (((0,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32)
+    def body(qs, c, fn=fn):
+      q = q_ref[pl.ds(qs, sq), :]
+      do = do_ref[pl.ds(qs, sq), :]
+      vis = block_math.element_mask(fn, b, h, qs, j * bk, sq, bk, cfg.kv_len,
+                                    ragged)
+      p, ds = block_math.probs_and_dscores(
+          q, k, v, do, lse_ref[pl.ds(qs, sq)], delta_ref[pl.ds(qs, sq)],
+          cfg.scale, cfg.soft_cap, vis)
+      dk = c[0] + jax.lax.dot_general(
+          ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), precision=prec,
+          preferred_element_type=jnp.float32)
+      dv = c[1] + jax.lax.dot_general(
+          p.astype(do.dtype), do, (((0,), (0,)), ((), ())), precision=prec,
+          preferred_element_type=jnp.float32)
       return dk, dv
 
-    carry = jax.lax.fori_loop(0, cnt_ref[...], body, carry)
+    carry = _walk(cnt_ref, idx_ref, bq, sq, body, carry)
   dk_ref[...] = carry[0].astype(dk_ref.dtype)
   dv_ref[...] = carry[1].astype(dv_ref.dtype)
 

@@ -109,7 +109,7 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
   lists = {f: jnp.broadcast_to(x, (b, h) + x.shape[2:])
            for f, x in lists.items()}
   cfg = StaticConfig(block_q=bq, block_kv=bk, q_len=lq, kv_len=lk,
-                     mask_fn=mask.mask_fn, scale=scale, soft_cap=soft_cap,
+                     mask_fn=mask.kernel_mask_fn, scale=scale, soft_cap=soft_cap,
                      interpret=interpret, tuning=tuning)
   out, lse = implementation.load()(qp, kp, vp, lists, cfg)
   out, lse = out[:, :lq, :, :d], lse[:, :, :lq]

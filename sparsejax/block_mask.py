@@ -104,12 +104,15 @@ class BlockMask:
   kv_len: int
   mask_fn: Optional[MaskFn] = None
   mask_fn_exact: bool = True
+  # A cheaper function equal to mask_fn on this mask's partial blocks (e.g.
+  # plain causal on S2's diagonal blocks); kernels use it when set.
+  partial_fn: Optional[MaskFn] = None
 
   _ARRAYS = ("full_counts", "full_idx", "partial_counts", "partial_idx",
              "full_counts_t", "full_idx_t", "partial_counts_t",
              "partial_idx_t")
   _STATIC = ("block_q", "block_kv", "q_len", "kv_len", "mask_fn",
-             "mask_fn_exact")
+             "mask_fn_exact", "partial_fn")
 
   def tree_flatten(self):
     return (tuple(getattr(self, f) for f in self._ARRAYS),
@@ -124,7 +127,8 @@ class BlockMask:
   @classmethod
   def from_states(cls, states: jax.Array, *, block_q: int, block_kv: int,
                   q_len: int, kv_len: int, mask_fn: Optional[MaskFn] = None,
-                  mask_fn_exact: bool = True) -> "BlockMask":
+                  mask_fn_exact: bool = True,
+                  partial_fn: Optional[MaskFn] = None) -> "BlockMask":
     """Builds the lists from block states (EMPTY/PARTIAL/FULL) [B|1,H|1,nq,nk]."""
     states = jnp.asarray(states)
     if states.ndim != 4:
@@ -142,9 +146,15 @@ class BlockMask:
     fct, fit = compress(jnp.swapaxes(full, -1, -2))
     pct, pit = compress(jnp.swapaxes(part, -1, -2))
     return cls(fc, fi, pc, pi, fct, fit, pct, pit, block_q, block_kv, q_len,
-               kv_len, mask_fn, mask_fn_exact)
+               kv_len, mask_fn, mask_fn_exact,
+               partial_fn if mask_fn is not None else None)
 
   # --- inspection ---------------------------------------------------------
+
+  @property
+  def kernel_mask_fn(self) -> Optional[MaskFn]:
+    """The element mask kernels apply on partial blocks."""
+    return self.partial_fn if self.partial_fn is not None else self.mask_fn
 
   @property
   def num_q_blocks(self) -> int:

@@ -165,7 +165,10 @@ def s2(seq_len: int, num_heads: int, *, block_size: int = 64,
     _warn_on_gaps(np.asarray(states != EMPTY))
   mask = BlockMask.from_states(states.astype(jnp.int8)[None], block_q=bs,
                                block_kv=bs, q_len=seq_len, kv_len=seq_len,
-                               mask_fn=fn if causal else None)
+                               mask_fn=fn if causal else None,
+                               # partial blocks are the diagonal ones, where
+                               # the S2 rule reduces to plain causal
+                               partial_fn=mask_fns.Causal() if causal else None)
   if pattern_heads > 1 and group > 1:  # q heads of a group share the lists
     mask = jax.tree.map(lambda x: jnp.repeat(x, group, axis=1), mask)
   return mask

@@ -44,8 +44,10 @@ class TuningConfig:
   tutorial does), which keeps register pressure down at head_dim 128.
   None means the whole block (capped at 32 for the backward sub-tiles).
   """
-  num_warps_fwd: Optional[int] = None  # None: 4 for head_dim <= 64, else 8
-  num_stages_fwd: int = 2
+  # Defaults from a sweep on the H200 (S2 32K, head_dim 128; see
+  # benchmarks/attention/NOTES.md). None: derived from head_dim.
+  num_warps_fwd: Optional[int] = None  # 4 for head_dim <= 64, else 8
+  num_stages_fwd: Optional[int] = None  # 3, or 1 at head_dim 256 (SMEM)
   num_warps_bwd: Optional[int] = None
   num_stages_bwd: int = 2
   sub_kv_fwd: Optional[int] = None
@@ -67,9 +69,14 @@ class TuningConfig:
       if w is not None and (w < 1 or w & (w - 1) or w > 16):
         raise ValueError(f"{name} must be a power of two in [1, 16], got {w}")
     for name in ("num_stages_fwd", "num_stages_bwd"):
-      if not 1 <= getattr(self, name) <= 8:
+      if getattr(self, name) is not None and not 1 <= getattr(self, name) <= 8:
         raise ValueError(f"{name} must be in [1, 8], got "
                          f"{getattr(self, name)}")
+
+  def stages_fwd(self, head_dim: int) -> int:
+    if self.num_stages_fwd is not None:
+      return self.num_stages_fwd
+    return 3 if head_dim <= 128 else 1
 
   def warps(self, which: str, head_dim: int) -> int:
     w = getattr(self, f"num_warps_{which}")
@@ -193,7 +200,7 @@ def forward(q, k, v, lists, cfg):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
       compiler_params=pltriton.CompilerParams(
-          num_warps=tuning.warps("fwd", d), num_stages=tuning.num_stages_fwd),
+          num_warps=tuning.warps("fwd", d), num_stages=tuning.stages_fwd(d)),
       interpret=cfg.interpret,
       name="sparsejax_block_sparse_fwd",
   )(lists["full_counts"], fi, lists["partial_counts"], pi, q, k, v)

@@ -39,7 +39,10 @@ def get_config(arg=None):
   config.batch_size = 8
   config.num_train_steps = 20 if arg.small else 400
 
-  config.data = ml_collections.ConfigDict(dict(name=arg.task, data_dir=None))
+  # max_bytes caps the text corpus (stdlib source) so building stays fast;
+  # raise it for long-context runs that need more eval text.
+  config.data = ml_collections.ConfigDict(dict(name=arg.task, data_dir=None,
+                                               max_bytes=4_000_000))
 
   config.model = ml_collections.ConfigDict(dict(
       name=_MODEL_FOR_TASK.get(arg.task, "lm"), d_model=32 if arg.small else 128,

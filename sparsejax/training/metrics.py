@@ -1,5 +1,6 @@
 """Metric sinks: TensorBoard event files, console progress bar, NaN guard."""
 
+import json
 import math
 import os
 import time
@@ -52,6 +53,9 @@ class Writer:
     self._main = jax.process_index() == 0
     self._tb = (tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
                 if self._main else None)
+    # The same scalars as JSON lines: easy to plot without TensorBoard.
+    self._jsonl = (open(os.path.join(workdir, "metrics.jsonl"), "a")
+                   if self._main else None)
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
                           disable=not (self._main and progress_bar),
                           dynamic_ncols=True, desc="train")
@@ -63,6 +67,9 @@ class Writer:
       return
     for name, value in scalars.items():
       self._tb.add_scalar(f"{prefix}{name}", float(value), step)
+    self._jsonl.write(json.dumps({"step": step, **{
+        f"{prefix}{k}": float(v) for k, v in scalars.items()}}) + "\n")
+    self._jsonl.flush()
     shown = {k: v for k, v in scalars.items() if k not in _TB_ONLY}
     text = ", ".join(f"{prefix}{k}={_fmt(v)}" for k, v in shown.items())
     tqdm.tqdm.write(f"step {step}: {text}")  # above the bar, if any
@@ -76,6 +83,7 @@ class Writer:
     self._bar.close()
     if self._tb is not None:
       self._tb.close()
+      self._jsonl.close()
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The exact commands behind benchmarks/ (run on one H200 through the device
+# tool, from the repo root). Usage: bash benchmarks/run_h200.sh PART OUTDIR
+#   attention-short | attention-long | train
+set -uo pipefail
+part=$1; out=$2; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+case $part in
+  attention-short)
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv
+    timeout 120 python3 -m experiments.check_gpu_shapes 2>&1 | grep -v Warn | tee "$out/check_gpu_shapes.log"
+    timeout 200 python3 .peer/peer_baselines.py --seq 4096 32768 131072 --out "$out/peers.json" 2>&1 | grep -v Warn | tee "$out/peers.log"
+    timeout 260 python3 -m experiments.bench_attention --lengths=4096,8192,16384,32768 \
+      --warmup=2 --repeats=7 --out_dir="$out/short" --peers="$out/peers.json" 2>&1 | grep -v Warn | tee "$out/short.log" ;;
+  attention-long)
+    timeout 420 python3 -m experiments.bench_attention --lengths=65536,131072 \
+      --warmup=1 --repeats=5 --out_dir="$out/long" 2>&1 | grep -v Warn | tee "$out/long.log"
+    # S2 with the Phi-3-small pattern (block 64, local 16, stride 8).
+    timeout 150 python3 -m experiments.bench_attention --lengths=32768,131072 --cases=s2 \
+      --impls=pallas_triton --block=64 --local_blocks=16 --vert_stride=8 --warmup=1 \
+      --repeats=5 --out_dir="$out/phi3" 2>&1 | grep -v Warn | tee "$out/phi3.log" ;;
+  train)
+    common="--config.model.d_model=768 --config.model.num_layers=12 --config.model.num_heads=12
+      --config.model.num_kv_heads=4 --config.seq_len=8192 --config.batch_size=4
+      --config.num_train_steps=150 --config.dtype=bfloat16 --config.log_every=10
+      --config.eval_steps=2 --config.data.max_bytes=40000000 --config.checkpoint.every=150
+      --config.attention.options.block_size=128"
+    for att in dense s2; do
+      extra=""; [ $att = s2 ] && extra="--config.attention.options.local_blocks=4 --config.attention.options.vert_stride=4"
+      timeout 280 python3 -m experiments.train --config=configs/lm.py:attention=$att $common $extra \
+        --workdir="$out/$att" 2>&1 | grep -v Warn | tail -25 | tee "$out/train_$att.log"
+    done ;;
+esac

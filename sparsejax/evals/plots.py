@@ -1,0 +1,61 @@
+"""Matplotlib (Agg) plots of the quality comparisons."""
+
+from typing import Any, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+
+def loss_curves(runs: Mapping[str, Mapping[str, Any]], path: str) -> str:
+  """Train (thin) and eval (markers) loss vs step, one colour per variant."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, (name, r) in enumerate(runs.items()):
+    color = f"C{i}"
+    steps, loss = zip(*r["train_loss"]) if r["train_loss"] else ((), ())
+    ax.plot(steps, loss, color=color, lw=1, alpha=0.6,
+            label=f"{name} train")
+    if r["eval_loss"]:
+      steps, loss = zip(*r["eval_loss"])
+      ax.plot(steps, loss, "o-", color=color, lw=2,
+              label=f"{name} eval (final {r['eval']['loss']:.3f})")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats / byte)")
+  ax.set_title("Byte LM on the local text corpus: dense vs S2 vs S2-hybrid")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  lo = min(min(v for _, v in r["eval_loss"] or r["train_loss"])
+           for r in runs.values())
+  ax.set_ylim(lo - 0.1, lo + 1.5)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def needle_heatmaps(result: Mapping[str, Any], path: str) -> str:
+  """One accuracy heatmap (length x depth) per model, side by side."""
+  models = result["models"]
+  fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6),
+                           squeeze=False)
+  for ax, (name, m) in zip(axes[0], models.items()):
+    lengths = [int(x) for x in m["accuracy"]]
+    depths = result["depths"]
+    grid = np.array([[m["accuracy"][str(l)][str(d)] for d in depths]
+                     for l in lengths])
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    ax.set_yticks(range(len(lengths)), [str(l) for l in lengths])
+    ax.set_xlabel("needle depth")
+    ax.set_ylabel("context length")
+    ax.set_title(name)
+    for i in range(len(lengths)):
+      for j in range(len(depths)):
+        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
+                fontsize=8)
+  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact match")
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path

@@ -76,3 +76,12 @@ def test_read_scalars_round_trip(tmp_path):
   config = compare.make_config(lm.get_config, variant, compare.LOSS_COMMON)
   assert config.attention.dense_every_n == 2
   assert config.attention.options.vert_stride <= config.model.num_kv_heads
+
+
+def test_overriding_a_derived_field_keeps_its_origin():
+  # eval_every = get_ref("num_train_steps") in configs/lm.py.
+  config = compare.apply_overrides(lm.get_config("attention=dense"), {
+      "num_train_steps": 180, "eval_every": 45})
+  assert (config.num_train_steps, config.eval_every) == (180, 45)
+  assert config.optimizer.decay_steps == 180  # still follows the origin
+  assert config.checkpoint.every == 90

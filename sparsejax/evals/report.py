@@ -10,9 +10,44 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from sparsejax.evals import compare
+from sparsejax.evals import needle
+from sparsejax.training import train
 
 LOSS_JSON = "loss_comparison.json"
 NEEDLE_JSON = "needle.json"
+
+# Needle models: 4 layers, d_model 64, 4 q / 4 kv heads, trained at 256
+# tokens with many needles per step (the loss covers only the 2 answer
+# tokens of each sequence).
+NEEDLE_COMMON = {
+    "seq_len": 256,
+    "batch_size": 32,
+    "num_train_steps": 300,
+    "model.num_layers": 4,
+    "model.d_model": 64,
+    "model.mlp_dim": 256,
+    "model.num_heads": 4,
+    "model.num_kv_heads": 4,
+    "attention.impl": "xla",
+    "log_every": 20,
+    "eval_steps": 4,
+    "progress_bar": False,
+}
+NEEDLE_LENGTHS = (2048, 4096, 8192, 16384)
+NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Needles per (length, depth); fewer at the longest (forward-only on CPU).
+NEEDLE_EXAMPLES = {256: 16, 2048: 8, 4096: 8, 8192: 8, 16384: 4}
+
+
+def needle_variants() -> list[compare.Variant]:
+  """dense and s2_hybrid (odd layers dense) on the needle task."""
+  s2 = {"attention.options": dict(compare.S2_OPTIONS)}
+  return [
+      compare.Variant("dense", "attention=dense,task=needle",
+                      {"attention.options": dict(block_size=32)}),
+      compare.Variant("s2_hybrid", "attention=s2,task=needle",
+                      {**s2, "attention.dense_every_n": 2}),
+  ]
 
 
 def loss_comparison(get_config: Callable[[str], Any], workdir: str,
@@ -34,8 +69,48 @@ def loss_comparison(get_config: Callable[[str], Any], workdir: str,
   return out
 
 
-def needle_comparison(*args, **kwargs):
-  raise NotImplementedError
+def needle_comparison(get_config: Callable[[str], Any], workdir: str,
+                      out_dir: str, *, steps: Optional[int] = None,
+                      lengths: Optional[Sequence[int]] = None,
+                      examples: Optional[int] = None) -> dict:
+  """Trains dense and s2_hybrid on needles, evaluates long; needle.json.
+
+  Models train at `NEEDLE_COMMON["seq_len"]` and are evaluated at the train
+  length and at `lengths` (RoPE: the params do not depend on the length).
+  """
+  common = dict(NEEDLE_COMMON)
+  if steps:
+    common.update(num_train_steps=steps)
+  lengths = list(lengths or NEEDLE_LENGTHS)
+  lengths = [common["seq_len"]] + [n for n in lengths
+                                   if n != common["seq_len"]]
+  counts = {n: examples or NEEDLE_EXAMPLES.get(n, 4) for n in lengths}
+  models = {}
+  for variant in needle_variants():
+    config = compare.make_config(get_config, variant, common)
+    run_dir = os.path.join(workdir, variant.name)
+    start = time.perf_counter()
+    out = train.train_and_evaluate(config, run_dir)
+    train_s = time.perf_counter() - start
+    params = needle.load_params(config, run_dir)
+    fns = {n: needle.model_predict_fn(config, params, n) for n in lengths}
+    acc = needle.needle_accuracy(fns, depths=NEEDLE_DEPTHS,
+                                 num_examples=counts)
+    models[variant.name] = dict(
+        accuracy=acc["accuracy"], token_accuracy=acc["token_accuracy"],
+        eval_seconds=acc["seconds"], train_wall_s=train_s,
+        train_eval=out["eval"], step=out["step"], arg=variant.arg,
+        overrides={**common, **variant.overrides})
+    for n in lengths:
+      mean = sum(acc["accuracy"][str(n)].values()) / len(NEEDLE_DEPTHS)
+      print(f"{variant.name} L={n}: mean exact match {mean:.3f} "
+            f"({acc['seconds'][str(n)]:.0f} s)")
+    # Written after each model so a partial run still leaves results.
+    out_json = dict(models=models, depths=list(NEEDLE_DEPTHS),
+                    lengths=lengths, examples={str(n): c for n, c in
+                                               counts.items()})
+    compare.save_json(out_json, os.path.join(out_dir, NEEDLE_JSON))
+  return out_json
 
 
 def _load(out_dir: str, name: str):

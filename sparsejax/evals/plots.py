@@ -41,20 +41,20 @@ def needle_heatmaps(result: Mapping[str, Any], path: str) -> str:
   fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6),
                            squeeze=False)
   for ax, (name, m) in zip(axes[0], models.items()):
-    lengths = [int(x) for x in m["accuracy"]]
+    lengths = result["lengths"]
     depths = result["depths"]
-    grid = np.array([[m["accuracy"][str(l)][str(d)] for d in depths]
-                     for l in lengths])
+    grid = np.array([[m["accuracy"].get(str(l), {}).get(str(d), np.nan)
+                      for d in depths] for l in lengths])
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(depths)), [f"{d:.2f}" for d in depths])
     ax.set_yticks(range(len(lengths)), [str(l) for l in lengths])
     ax.set_xlabel("needle depth")
     ax.set_ylabel("context length")
-    ax.set_title(name)
+    ax.set_title(f"{name} (trained at {m['overrides']['seq_len']})")
     for i in range(len(lengths)):
       for j in range(len(depths)):
-        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
-                fontsize=8)
+        text = "skip" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8)
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact match")
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)

@@ -23,3 +23,17 @@ register(Implementation("xla", load=_load_xla))
 register(Implementation("pallas_triton", load=_load_triton,
                         unavailable=_needs_cuda, supports_interpret=True,
                         pad_head_dim_pow2=True))
+
+
+def _load_tpu():
+  from pallas_kernels.tpu import block_sparse_attention  # pylint: disable=g-import-not-at-top
+  return block_sparse_attention.attention
+
+
+def _needs_tpu(platform, kind):
+  del kind
+  return None if platform == "tpu" else f"needs a TPU, found {platform}"
+
+
+register(Implementation("pallas_tpu", load=_load_tpu, unavailable=_needs_tpu,
+                        supports_interpret=True))

@@ -7,11 +7,13 @@ a new mask of the same list shapes reuses the compiled kernel.
 
 Grid: (batch, q head, q block, list step) for forward and dQ, and
 (batch, q head, kv block, list step) for dK/dV over the transposed lists. The
-last axis ("arbitrary") walks ONE concatenated list: steps [0, Wf) read the
-full list, steps [Wf, Wf + Wp) the partial list (dropped when there is no
-mask_fn: then every listed block is full). A step past its section's count
-computes nothing (`pl.when`), and its index_map returns a block that is
-already resident (the list repeats its last valid index), so no DMA is issued.
+last axis ("arbitrary") walks ONE concatenated list per row: steps [0, Wf)
+are the full list, steps [Wf, Wf + Wp) the partial list (dropped when there
+is no mask_fn: then every listed block is full). XLA packs it into a single
+scalar-prefetch table of (block << 2) | kind (`_step_table`), so an index_map
+is one SMEM read. A step past its section's count computes nothing
+(`pl.when`) and names a block that is already resident (the lists repeat
+their last valid index), so the pipeline issues no DMA for it.
 Full blocks skip the element mask; partial ones apply `cfg.mask_fn` on iota
 indices, plus the kv_len range when kv_len is not a block multiple.
 
@@ -45,7 +47,6 @@ from sparsejax.vjp import make_vjp
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
-_NUM_LISTS = 4  # scalar-prefetch operands: counts, idx (full), same (partial)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,54 +147,46 @@ def _unview(x, heads, d):
 
 # --- the concatenated list --------------------------------------------------
 
-
-@dataclasses.dataclass(frozen=True)
-class _Walk:
-  """Static shape of one row's walk: Wf full steps, then Wp partial steps."""
-  wf: int
-  wp: int  # 0 when there is no mask_fn (no partial blocks exist)
-
-  @property
-  def steps(self) -> int:
-    return self.wf + self.wp
-
-  def block(self, row, j, fc, fi, pc, pi):
-    """The block DMA'd at step j of row (b, h, r): listed, else resident.
-
-    Inside a section, entries past the count repeat its last valid index, so
-    they name the block already in VMEM. An empty full section prefetches the
-    first partial block; an empty partial section keeps the last full one.
-    """
-    f = fi[row + (jnp.minimum(j, self.wf - 1),)]
-    if not self.wp:
-      return f
-    p = pi[row + (jnp.clip(j - self.wf, 0, self.wp - 1),)]
-    in_full = jnp.where(fc[row] > 0, f, pi[row + (0,)])
-    in_part = jnp.where(pc[row] > 0, p, fi[row + (self.wf - 1,)])
-    return jnp.where(j < self.wf, in_full, in_part)
-
-  def sections(self, cfg):
-    """(first step, count ref index, idx ref index, mask_fn) per section."""
-    out = [(0, 0, 1, None)]
-    if self.wp:
-      out.append((self.wf, 2, 3, cfg.mask_fn))
-    return out
+# Step kinds, packed with the block index as (block << 2) | kind.
+_SKIP, _FULL, _PARTIAL = 0, 1, 2
 
 
-def _walk(lists, suffix: str, cfg) -> _Walk:
-  wp = lists["partial_idx" + suffix].shape[-1] if cfg.mask_fn is not None else 0
-  return _Walk(lists["full_idx" + suffix].shape[-1], wp)
+def _step_table(lists, suffix: str, cfg):
+  """int32 [B, H, R, S]: what each list step of row (b, h, r) does.
+
+  One concatenated list per row: S = Wf full steps, then Wp partial steps
+  (Wp = 0 without a mask_fn: then no block is partial). Packing block and
+  kind into one scalar-prefetch operand makes each index_map a single SMEM
+  read. Steps past a section's count are _SKIP and name an already resident
+  block (the lists repeat their last valid index), so the pipeline issues no
+  DMA for them; an empty full section names the first partial block (its
+  prefetch) and an empty partial section keeps the last full one.
+  """
+  fc, fi = lists["full_counts" + suffix], lists["full_idx" + suffix]
+  fc = fc[..., None]
+  kind = jnp.where(jnp.arange(fi.shape[-1]) < fc, _FULL, _SKIP)
+  if cfg.mask_fn is None:
+    return fi * 4 + kind
+  pc, pi = lists["partial_counts" + suffix], lists["partial_idx" + suffix]
+  pc = pc[..., None]
+  block = jnp.concatenate([jnp.where(fc > 0, fi, pi[..., :1]),
+                           jnp.where(pc > 0, pi, fi[..., -1:])], -1)
+  kind = jnp.concatenate(
+      [kind, jnp.where(jnp.arange(pi.shape[-1]) < pc, _PARTIAL, _SKIP)], -1)
+  return block * 4 + kind
 
 
-def _run_sections(walk, cfg, list_refs, row, j, body):
-  """Calls body(block, mask_fn) under pl.when for a step inside a count."""
-  for start, ci, ii, fn in walk.sections(cfg):
-    count, idx = list_refs[ci][row], list_refs[ii]
-    width = walk.wf if start == 0 else walk.wp
+def _listed_block(steps_ref, row, j):
+  return jnp.right_shift(steps_ref[row + (j,)], 2)
 
-    @pl.when((j >= start) & (j < start + count))
-    def _(start=start, idx=idx, width=width, fn=fn):
-      body(idx[row + (jnp.clip(j - start, 0, width - 1),)], fn)
+
+def _run_step(steps_ref, row, j, cfg, body):
+  """body(block, mask_fn) for a listed step; full blocks get mask_fn None."""
+  entry = steps_ref[row + (j,)]
+  kind, block = jnp.bitwise_and(entry, 3), jnp.right_shift(entry, 2)
+  pl.when(kind == _FULL)(lambda: body(block, None))
+  if cfg.mask_fn is not None:
+    pl.when(kind == _PARTIAL)(lambda: body(block, cfg.mask_fn))
 
 
 def _col(ref):
@@ -201,15 +194,98 @@ def _col(ref):
   return ref[...][:, 0]
 
 
+def _row_of():
+  """(b, h, grid row, list step, the row key into the step table)."""
+  b, h, r, j = (pl.program_id(a) for a in range(4))
+  return b, h, r, j, (b, h, r)
+
+
+def _is_last_step(j):
+  return j == pl.num_programs(3) - 1
+
+
+def _call(kernel, steps, args, *, in_specs, out_specs, out_shape, scratch,
+          cfg, interpret, name):
+  """One scalar-prefetch pallas_call over grid (B, H, rows, list steps)."""
+  b, h, rows, width = steps.shape
+  return pl.pallas_call(
+      functools.partial(kernel, cfg=cfg),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(b, h, rows, width),
+          in_specs=in_specs,
+          out_specs=out_specs,
+          scratch_shapes=scratch),
+      out_shape=out_shape,
+      compiler_params=_tuning(cfg).compiler_params(),
+      interpret=interpret,
+      name=name,
+  )(steps, *args)
+
+
+class _Geometry:
+  """Shapes, kernel head dim and the BlockSpecs shared by the three kernels.
+
+  Every index_map takes (b, h, r, j, steps_ref): r is the grid row (a q
+  block for forward/dQ, a kv block for dK/dV) and j the list step.
+  """
+
+  def __init__(self, q, k, cfg):
+    self.b, self.lq, self.h, self.d = q.shape
+    self.lk, hkv = k.shape[1], k.shape[2]
+    self.group = self.h // hkv
+    self.bq, self.bk = cfg.block_q, cfg.block_kv
+    self.interpret = _interpret_params(cfg.interpret)
+    self.dp = _kernel_head_dim(self.d, self.interpret)
+    validate_blocks(self.bq, self.bk, self.dp, interpret=self.interpret)
+    _tuning(cfg)  # reject a foreign tuning object early
+
+  def view(self, x):
+    return _heads_view(x, self.dp)
+
+  def unview(self, x):
+    return _unview(x, self.h, self.d)
+
+  # Row operands (the grid row's own block).
+  def q_row(self):
+    return pl.BlockSpec((None, self.bq, self.dp),
+                        lambda b, h, r, j, _: (b, r, h))
+
+  def kv_row(self, head_of_q=False):
+    g = 1 if head_of_q else self.group
+    return pl.BlockSpec((None, self.bk, self.dp),
+                        lambda b, h, r, j, _: (b, r, h // g))
+
+  def col_row(self):  # lse / delta as (block_q, 1) columns
+    return pl.BlockSpec((None, None, self.bq, 1),
+                        lambda b, h, r, j, _: (b, h, r, 0))
+
+  # Listed operands (the block named by the step table).
+  def kv_listed(self):
+    return pl.BlockSpec(
+        (None, self.bk, self.dp),
+        lambda b, h, r, j, s: (b, _listed_block(s, (b, h, r), j),
+                               h // self.group))
+
+  def q_listed(self):
+    return pl.BlockSpec(
+        (None, self.bq, self.dp),
+        lambda b, h, r, j, s: (b, _listed_block(s, (b, h, r), j), h))
+
+  def col_listed(self):
+    return pl.BlockSpec(
+        (None, None, self.bq, 1),
+        lambda b, h, r, j, s: (b, h, _listed_block(s, (b, h, r), j), 0))
+
+
 # --- forward ----------------------------------------------------------------
 
 
-def _fwd_kernel(fc, fi, pc, pi, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref,
-                l_ref, acc_ref, *, cfg, walk):
+def _fwd_kernel(steps_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref,
+                acc_ref, *, cfg):
   bq, bk = cfg.block_q, cfg.block_kv
-  b, h, i, j = (pl.program_id(a) for a in range(4))
-  row = (b, h, i)
-  ragged = cfg.kv_len % bk != 0
+  b, h, i, j, row = _row_of()
+  ragged = cfg.kv_len % bk != 0  # padded keys are zeros: mask them out
 
   @pl.when(j == 0)
   def _init():
@@ -227,9 +303,9 @@ def _fwd_kernel(fc, fi, pc, pi, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref,
     l_ref[...] = l[:, None]
     acc_ref[...] = acc
 
-  _run_sections(walk, cfg, (fc, fi, pc, pi), row, j, body)
+  _run_step(steps_ref, row, j, cfg, body)
 
-  @pl.when(j == walk.steps - 1)
+  @pl.when(_is_last_step(j))
   def _finish():
     out, lse = block_math.finalize(_col(m_ref), _col(l_ref), acc_ref[...],
                                    o_ref.dtype)
@@ -238,52 +314,28 @@ def _fwd_kernel(fc, fi, pc, pi, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref,
 
 
 def forward(q, k, v, lists, cfg):
-  b, lq, h, d = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
-  group = h // hkv
-  bq, bk = cfg.block_q, cfg.block_kv
-  nq = lq // bq
-  interpret = _interpret_params(cfg.interpret)
-  dp = _kernel_head_dim(d, interpret)
-  validate_blocks(bq, bk, dp, interpret=interpret)
-  tuning = _tuning(cfg)
-  walk = _walk(lists, "", cfg)
-
-  def kv_map(bb, hh, i, j, *refs):
-    return bb, walk.block((bb, hh, i), j, *refs), hh // group
-
-  q_spec = pl.BlockSpec((None, bq, dp), lambda bb, hh, i, j, *_: (bb, i, hh))
-  kv_spec = pl.BlockSpec((None, bk, dp), kv_map)
-  lse_spec = pl.BlockSpec((None, None, bq, 1),
-                          lambda bb, hh, i, j, *_: (bb, hh, i, 0))
-  out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg, walk=walk),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=_NUM_LISTS,
-          grid=(b, h, nq, walk.steps),
-          in_specs=[q_spec, kv_spec, kv_spec],
-          out_specs=[q_spec, lse_spec],
-          scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32),
-                          pltpu.VMEM((bq, 1), jnp.float32),
-                          pltpu.VMEM((bq, dp), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((b, lq, h * dp), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, lq, 1), jnp.float32)],
-      compiler_params=tuning.compiler_params(),
-      interpret=interpret,
-      name="sparsejax_block_sparse_fwd_tpu",
-  )(lists["full_counts"], lists["full_idx"], lists["partial_counts"],
-    lists["partial_idx"], _heads_view(q, dp), _heads_view(k, dp),
-    _heads_view(v, dp))
-  return _unview(out, h, d), lse[..., 0]
+  g = _Geometry(q, k, cfg)
+  out, lse = _call(
+      _fwd_kernel, _step_table(lists, "", cfg),
+      (g.view(q), g.view(k), g.view(v)),
+      in_specs=[g.q_row(), g.kv_listed(), g.kv_listed()],
+      out_specs=[g.q_row(), g.col_row()],
+      out_shape=[jax.ShapeDtypeStruct((g.b, g.lq, g.h * g.dp), q.dtype),
+                 jax.ShapeDtypeStruct((g.b, g.h, g.lq, 1), jnp.float32)],
+      scratch=[pltpu.VMEM((g.bq, 1), jnp.float32),
+               pltpu.VMEM((g.bq, 1), jnp.float32),
+               pltpu.VMEM((g.bq, g.dp), jnp.float32)],
+      cfg=cfg, interpret=g.interpret, name="sparsejax_block_sparse_fwd_tpu")
+  return g.unview(out), lse[..., 0]
 
 
 # --- backward: dQ over row lists --------------------------------------------
 
 
-def _dq_kernel(fc, fi, pc, pi, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, acc_ref, *, cfg, walk):
+def _dq_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, acc_ref, *, cfg):
   bq, bk = cfg.block_q, cfg.block_kv
-  b, h, i, j = (pl.program_id(a) for a in range(4))
+  b, h, i, j, row = _row_of()
   ragged = cfg.kv_len % bk != 0
 
   @pl.when(j == 0)
@@ -301,20 +353,36 @@ def _dq_kernel(fc, fi, pc, pi, q_ref, k_ref, v_ref, do_ref, lse_ref,
                                 precision=block_math.dot_precision(k.dtype),
                                 preferred_element_type=jnp.float32)
 
-  _run_sections(walk, cfg, (fc, fi, pc, pi), (b, h, i), j, body)
+  _run_step(steps_ref, row, j, cfg, body)
 
-  @pl.when(j == walk.steps - 1)
+  @pl.when(_is_last_step(j))
   def _finish():
     dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+
+def backward_dq(q, k, v, do, lse, delta, lists, cfg):
+  """dQ [B, Lq, H, D]: the forward's grid over the row lists."""
+  g = _Geometry(q, k, cfg)
+  dq = _call(
+      _dq_kernel, _step_table(lists, "", cfg),
+      (g.view(q), g.view(k), g.view(v), g.view(do.astype(q.dtype)),
+       lse[..., None], delta[..., None]),
+      in_specs=[g.q_row(), g.kv_listed(), g.kv_listed(), g.q_row(),
+                g.col_row(), g.col_row()],
+      out_specs=g.q_row(),
+      out_shape=jax.ShapeDtypeStruct((g.b, g.lq, g.h * g.dp), q.dtype),
+      scratch=[pltpu.VMEM((g.bq, g.dp), jnp.float32)],
+      cfg=cfg, interpret=g.interpret, name="sparsejax_block_sparse_dq_tpu")
+  return g.unview(dq)
 
 
 # --- backward: dK/dV over column lists --------------------------------------
 
 
-def _dkv_kernel(fc, fi, pc, pi, k_ref, v_ref, q_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, cfg, walk):
+def _dkv_kernel(steps_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, dk_acc, dv_acc, *, cfg):
   bq, bk = cfg.block_q, cfg.block_kv
-  b, h, c, j = (pl.program_id(a) for a in range(4))
+  b, h, c, j, row = _row_of()
   ragged = cfg.kv_len % bk != 0
 
   @pl.when(j == 0)
@@ -330,7 +398,7 @@ def _dkv_kernel(fc, fi, pc, pi, k_ref, v_ref, q_ref, do_ref, lse_ref,
         q, k_ref[...], v_ref[...], do, _col(lse_ref), _col(delta_ref),
         cfg.scale, cfg.soft_cap, vis)
     prec = block_math.dot_precision(q.dtype)
-    dims = (((0,), (0,)), ((), ()))  # p^T @ do, ds^T @ q
+    dims = (((0,), (0,)), ((), ()))  # ds^T @ q and p^T @ do
     dk_acc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, dims,
                                        precision=prec,
                                        preferred_element_type=jnp.float32)
@@ -338,90 +406,42 @@ def _dkv_kernel(fc, fi, pc, pi, k_ref, v_ref, q_ref, do_ref, lse_ref,
                                        precision=prec,
                                        preferred_element_type=jnp.float32)
 
-  _run_sections(walk, cfg, (fc, fi, pc, pi), (b, h, c), j, body)
+  _run_step(steps_ref, row, j, cfg, body)
 
-  @pl.when(j == walk.steps - 1)
+  @pl.when(_is_last_step(j))
   def _finish():
     dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
+def backward_dkv(q, k, v, do, lse, delta, lists, cfg):
+  """(dK, dV) [B, Lk, Hkv, D]: per q head over the transposed lists."""
+  g = _Geometry(q, k, cfg)
+  # Per-q-head partials are summed per kv head below: keep them in f32.
+  dtype = k.dtype if g.group == 1 else jnp.float32
+  dk, dv = _call(
+      _dkv_kernel, _step_table(lists, "_t", cfg),
+      (g.view(k), g.view(v), g.view(q), g.view(do.astype(q.dtype)),
+       lse[..., None], delta[..., None]),
+      in_specs=[g.kv_row(), g.kv_row(), g.q_listed(), g.q_listed(),
+                g.col_listed(), g.col_listed()],
+      out_specs=[g.kv_row(head_of_q=True)] * 2,
+      out_shape=[jax.ShapeDtypeStruct((g.b, g.lk, g.h * g.dp), dtype)] * 2,
+      scratch=[pltpu.VMEM((g.bk, g.dp), jnp.float32)] * 2,
+      cfg=cfg, interpret=g.interpret, name="sparsejax_block_sparse_dkv_tpu")
+  dk, dv = g.unview(dk), g.unview(dv)
+  if g.group > 1:  # sum the q heads of each kv head
+    shape = (g.b, g.lk, g.h // g.group, g.group, g.d)
+    dk = dk.reshape(shape).sum(3).astype(k.dtype)
+    dv = dv.reshape(shape).sum(3).astype(v.dtype)
+  return dk, dv
+
+
 def backward(q, k, v, out, lse, do, delta, lists, cfg):
   del out
-  b, lq, h, d = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
-  group = h // hkv
-  bq, bk = cfg.block_q, cfg.block_kv
-  nq, nk = lq // bq, lk // bk
-  interpret = _interpret_params(cfg.interpret)
-  dp = _kernel_head_dim(d, interpret)
-  validate_blocks(bq, bk, dp, interpret=interpret)
-  params = _tuning(cfg).compiler_params()
-  qv, kv, vv = (_heads_view(x, dp) for x in (q, k, v))
-  dov = _heads_view(do.astype(q.dtype), dp)
-  lse4, delta4 = lse[..., None], delta[..., None]
-
-  # dQ: the forward's grid and row lists.
-  walk = _walk(lists, "", cfg)
-
-  def kv_map(bb, hh, i, j, *refs):
-    return bb, walk.block((bb, hh, i), j, *refs), hh // group
-
-  q_spec = pl.BlockSpec((None, bq, dp), lambda bb, hh, i, j, *_: (bb, i, hh))
-  kv_spec = pl.BlockSpec((None, bk, dp), kv_map)
-  row_spec = pl.BlockSpec((None, None, bq, 1),
-                          lambda bb, hh, i, j, *_: (bb, hh, i, 0))
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, walk=walk),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=_NUM_LISTS,
-          grid=(b, h, nq, walk.steps),
-          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-          out_specs=q_spec,
-          scratch_shapes=[pltpu.VMEM((bq, dp), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((b, lq, h * dp), q.dtype),
-      compiler_params=params,
-      interpret=interpret,
-      name="sparsejax_block_sparse_dq_tpu",
-  )(lists["full_counts"], lists["full_idx"], lists["partial_counts"],
-    lists["partial_idx"], qv, kv, vv, dov, lse4, delta4)
-
-  # dK/dV: per q head over the transposed (column) lists.
-  walk_t = _walk(lists, "_t", cfg)
-
-  def q_map(bb, hh, c, j, *refs):
-    return bb, walk_t.block((bb, hh, c), j, *refs), hh
-
-  def col_map(bb, hh, c, j, *refs):
-    return bb, hh, walk_t.block((bb, hh, c), j, *refs), 0
-
-  kv_blk = pl.BlockSpec((None, bk, dp), lambda bb, hh, c, j, *_: (bb, c,
-                                                                 hh // group))
-  q_blk = pl.BlockSpec((None, bq, dp), q_map)
-  col_spec = pl.BlockSpec((None, None, bq, 1), col_map)
-  out_blk = pl.BlockSpec((None, bk, dp), lambda bb, hh, c, j, *_: (bb, c, hh))
-  dkv_dtype = k.dtype if group == 1 else jnp.float32
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, walk=walk_t),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=_NUM_LISTS,
-          grid=(b, h, nk, walk_t.steps),
-          in_specs=[kv_blk, kv_blk, q_blk, q_blk, col_spec, col_spec],
-          out_specs=[out_blk, out_blk],
-          scratch_shapes=[pltpu.VMEM((bk, dp), jnp.float32),
-                          pltpu.VMEM((bk, dp), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((b, lk, h * dp), dkv_dtype)] * 2,
-      compiler_params=params,
-      interpret=interpret,
-      name="sparsejax_block_sparse_dkv_tpu",
-  )(lists["full_counts_t"], lists["full_idx_t"], lists["partial_counts_t"],
-    lists["partial_idx_t"], kv, vv, qv, dov, lse4, delta4)
-
-  dk, dv = _unview(dk, h, d), _unview(dv, h, d)
-  if group > 1:  # sum the q heads of each kv head
-    dk = dk.reshape(b, lk, hkv, group, d).sum(3).astype(k.dtype)
-    dv = dv.reshape(b, lk, hkv, group, d).sum(3).astype(v.dtype)
-  return _unview(dq, h, d), dk, dv
+  dq = backward_dq(q, k, v, do, lse, delta, lists, cfg)
+  dk, dv = backward_dkv(q, k, v, do, lse, delta, lists, cfg)
+  return dq, dk, dv
 
 
 attention = make_vjp(forward, backward)

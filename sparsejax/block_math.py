@@ -2,9 +2,13 @@
 
 These functions act on values (one q block against one kv block), so the jnp
 implementation and the Pallas kernels run literally the same arithmetic.
+Scores live in the base-2 domain (scale * log2(e) folded into one multiply,
+exp2 instead of exp: one FMA fewer per element); lse is returned in nats.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +20,24 @@ def dot_precision(dtype):
   return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def _log2_logits(s_raw, scale, soft_cap):
+  """Raw q.k -> logits in the base-2 domain, and tanh(.) if soft-capped."""
+  if soft_cap is None:
+    return s_raw * (scale * LOG2E), None
+  t = jnp.tanh(s_raw * (scale / soft_cap))
+  return t * (soft_cap * LOG2E), t
+
+
 def scores(q, k, scale, soft_cap):
-  """Logits [bq, bk] in f32 (after scale and optional tanh soft-cap)."""
+  """Logits [bq, bk] in f32, base 2 (after scale and optional soft-cap)."""
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                           precision=dot_precision(q.dtype),
-                          preferred_element_type=jnp.float32) * scale
-  if soft_cap is not None:
-    s = soft_cap * jnp.tanh(s / soft_cap)
-  return s
+                          preferred_element_type=jnp.float32)
+  return _log2_logits(s, scale, soft_cap)[0]
 
 
 def element_mask(mask_fn, b, h, q_start, kv_start, bq, bk, kv_len,
@@ -50,8 +64,8 @@ def online_softmax_step(s, v, m_prev, l_prev, acc, visible):
     s = jnp.where(visible, s, -jnp.inf)
   m_new = jnp.maximum(m_prev, s.max(-1))
   m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-  p = jnp.exp(s - m_safe[:, None])
-  alpha = jnp.exp(m_prev - m_safe)
+  p = jnp.exp2(s - m_safe[:, None])
+  alpha = jnp.exp2(m_prev - m_safe)
   l_new = alpha * l_prev + p.sum(-1)
   pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                            precision=dot_precision(v.dtype),
@@ -63,7 +77,7 @@ def finalize(m, l, acc, out_dtype):
   """Output and lse; rows with no visible key give 0 and -inf."""
   l_safe = jnp.where(l == 0.0, 1.0, l)
   out = jnp.where((l == 0.0)[:, None], 0.0, acc / l_safe[:, None])
-  lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(l_safe))
+  lse = jnp.where(l == 0.0, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
   return out.astype(out_dtype), lse
 
 
@@ -74,14 +88,10 @@ def probs_and_dscores(q, k, v, do, lse, delta, scale, soft_cap, visible):
   """
   s_raw = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                               precision=dot_precision(q.dtype),
-                              preferred_element_type=jnp.float32) * scale
-  if soft_cap is not None:
-    t = jnp.tanh(s_raw / soft_cap)
-    s = soft_cap * t
-  else:
-    s = s_raw
-  lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  p = jnp.exp(s - lse_safe[:, None])
+                              preferred_element_type=jnp.float32)
+  s, t = _log2_logits(s_raw, scale, soft_cap)
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+  p = jnp.exp2(s - lse2[:, None])
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),

@@ -42,24 +42,32 @@ def _decoders():
   }
 
 
-def test_generation_matches_full_s2_attention_every_step():
+# Homogeneous heads, no GQA, offset 0, a ring of 3: the xla twin only (cheap).
+HOMO = S2Pattern(block_size=16, local_blocks=3, vert_stride=2, num_heads=2,
+                 num_kv_heads=2, homo_head=True)
+
+
+@pytest.mark.parametrize("pattern,impls,steps", [
+    (PATTERN, ("xla", "pallas_triton"), 36), (HOMO, ("xla",), 20)])
+def test_generation_matches_full_s2_attention_every_step(pattern, impls,
+                                                         steps):
   prompt = np.array([5, 37, 70])  # different lengths, mid-block
-  b, steps, max_len = len(prompt), 36, 112
+  b, max_len = len(prompt), 112
   ks = jax.random.split(jax.random.key(0), 3)
-  q = jax.random.normal(ks[0], (b, max_len, PATTERN.num_heads, D))
-  k = jax.random.normal(ks[1], (b, max_len, PATTERN.num_kv_heads, D))
+  q = jax.random.normal(ks[0], (b, max_len, pattern.num_heads, D))
+  k = jax.random.normal(ks[1], (b, max_len, pattern.num_kv_heads, D))
   v = jax.random.normal(ks[2], k.shape)
-  cache = S2KVCache.create(b, max_len, PATTERN.num_kv_heads, D, jnp.float32,
-                           PATTERN)
+  cache = S2KVCache.create(b, max_len, pattern.num_kv_heads, D, jnp.float32,
+                           pattern)
   cache = cache.prefill(k[:, :prompt.max()], v[:, :prompt.max()], prompt)
-  decoders = _decoders()
+  decoders = {name: _decoders()[name] for name in impls}
   rows = np.arange(b)
   # The S2 mask is causal in absolute positions, so row n-1 of full attention
   # over [0, n) is row n-1 over all max_len tokens: one reference call
   # (building masks for every length is slow); spot-checked here.
-  ref = _reference_rows(PATTERN, q, k, v)
+  ref = _reference_rows(pattern, q, k, v)
   np.testing.assert_allclose(ref[2, 80], _reference_last_row(
-      PATTERN, q[2], k[2], v[2], 81), atol=1e-6)
+      pattern, q[2], k[2], v[2], 81), atol=1e-6)
   for step in range(steps + 1):
     if step:  # step 0 checks the last prompt token straight after prefill
       lens = np.asarray(cache.lengths)

@@ -24,8 +24,11 @@ from jax.experimental.pallas import triton as pltriton
 from sparsejax import block_math
 from sparsejax.block_mask import next_power_of_2
 
-# jax 0.11 deprecates the Triton lowering; silence that one warning here.
+# jax 0.11 deprecates the Triton lowering; the same filters as
+# block_sparse_attention.py (they belong in one shared place).
 warnings.filterwarnings("ignore", message=".*Triton.*deprecated.*",
+                        category=DeprecationWarning)
+warnings.filterwarnings("ignore", module="jax._src.pallas.*",
                         category=DeprecationWarning)
 
 

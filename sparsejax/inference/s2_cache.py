@@ -56,9 +56,11 @@ class SlotView(NamedTuple):
 
 def _concrete(x):
   """x as numpy if it is concrete (eager), else None (traced under jit)."""
-  if isinstance(x, jax.core.Tracer):
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
     return None
-  return np.asarray(x)
 
 
 @functools.partial(jax.tree_util.register_dataclass,

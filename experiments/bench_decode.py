@@ -35,6 +35,8 @@ _STRIDE = flags.DEFINE_integer("vert_stride", 8, "S2 vertical stride")
 _OFFSET = flags.DEFINE_integer("head_sliding_offset", 1, "S2 head offset")
 _DENSE_HEADS = flags.DEFINE_integer("dense_heads", 0, "dense kv heads")
 _SPLITS = flags.DEFINE_integer("num_splits", None, "split-K (default: auto)")
+_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps")
+_STAGES = flags.DEFINE_integer("num_stages", 2, "Triton pipeline stages")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "warm-up calls after compile")
 _REPEATS = flags.DEFINE_integer("repeats", 50, "timed calls (median)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Pallas interpret mode")
@@ -51,7 +53,8 @@ def main(argv):
   rows = bench.bench_decode(
       [int(x) for x in _LENGTHS.value], _IMPLS.value, batch=_BATCH.value,
       head_dim=_HEAD_DIM.value, dtype=jnp.dtype(_DTYPE.value),
-      pattern=pattern, num_splits=_SPLITS.value, warmup=_WARMUP.value,
+      pattern=pattern, num_splits=_SPLITS.value, num_warps=_WARPS.value,
+      num_stages=_STAGES.value, warmup=_WARMUP.value,
       repeats=_REPEATS.value, interpret=_INTERPRET.value)
   print(bench.format_table(rows))
   if _OUT.value:
@@ -61,7 +64,8 @@ def main(argv):
             "flags": {f: flags.FLAGS[f].value for f in (
                 "lengths", "impls", "batch", "heads", "kv_heads", "head_dim",
                 "dtype", "block", "local_blocks", "vert_stride",
-                "head_sliding_offset", "dense_heads", "num_splits", "warmup",
+                "head_sliding_offset", "dense_heads", "num_splits", "num_warps",
+                "num_stages", "warmup",
                 "repeats")}}
     with open(_OUT.value, "w") as f:
       json.dump({"meta": meta, "rows": rows}, f, indent=1)

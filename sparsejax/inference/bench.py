@@ -63,7 +63,8 @@ def bench_decode(lengths: Sequence[int] = (32768, 131072),
                  impls: Sequence[str] = ("cudnn", "pallas_triton"), *,
                  batch: int = 8, head_dim: int = 128, dtype=jnp.bfloat16,
                  pattern: Optional[S2Pattern] = None,
-                 num_splits: Optional[int] = None, warmup: int = 5,
+                 num_splits: Optional[int] = None, num_warps: int = 4,
+                 num_stages: int = 2, warmup: int = 5,
                  repeats: int = 50, check: bool = True,
                  interpret: bool = False) -> List[Dict]:
   """Rows {impl, length, us_per_step, kv_bytes_per_token, ...}.
@@ -92,7 +93,8 @@ def bench_decode(lengths: Sequence[int] = (32768, 131072),
         q = jax.random.normal(key, (batch, pattern.num_heads, head_dim),
                               dtype)
         fn = jax.jit(lambda q, c, impl=impl: s2_decode.s2_decode_attention(
-            q, c, impl=impl, interpret=interpret, num_splits=num_splits))
+            q, c, impl=impl, interpret=interpret, num_splits=num_splits,
+            num_warps=num_warps, num_stages=num_stages))
         args, held, read = (q, cache), cache.kv_bytes(), _read_bytes(cache)
         if check and impl != "xla":
           want = s2_decode.s2_decode_attention(q, cache, impl="xla")

@@ -53,7 +53,7 @@ def default_splits(batch: int, kv_heads: int, width: int) -> int:
 
 
 def _part(q, view: SlotView, q_pos, *, block, scale, impl, interpret,
-          num_splits):
+          num_splits, num_warps, num_stages):
   if q.shape[1] == 0:
     return jnp.zeros(q.shape, jnp.float32)
   if impl == "xla":
@@ -62,16 +62,20 @@ def _part(q, view: SlotView, q_pos, *, block, scale, impl, interpret,
                                         view.slot_idx.shape[-1])
   out, lse = triton_decode.decode_slots(
       q, view.k, view.v, view.slot_idx, view.block_idx, view.counts, q_pos,
-      block=block, scale=scale, num_splits=splits, interpret=interpret)
+      block=block, scale=scale, num_splits=splits, num_warps=num_warps,
+      num_stages=num_stages, interpret=interpret)
   return triton_decode.combine_splits(out, lse, q.shape[2], jnp.float32)
 
 
 def s2_decode_attention(q, cache: S2KVCache, *, scale: Optional[float] = None,
                         impl: str = "xla", interpret: bool = False,
-                        num_splits: Optional[int] = None):
+                        num_splits: Optional[int] = None, num_warps: int = 4,
+                        num_stages: int = 2):
   """Attention of q [B, H, D] (the token at position lengths - 1, whose K/V
   are already appended) over the compacted cache. Returns [B, H, D] in
-  q.dtype; a sequence with an empty cache gets zeros."""
+  q.dtype; a sequence with an empty cache gets zeros. num_splits (split-K,
+  default: about 256 programs), num_warps and num_stages tune the Triton
+  kernel."""
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   p = cache.pattern
@@ -88,7 +92,7 @@ def s2_decode_attention(q, cache: S2KVCache, *, scale: Optional[float] = None,
   hs = p.num_sparse_heads * p.group
   sparse_view, dense_view = cache.decode_views()
   kw = dict(block=p.block_size, scale=scale, impl=impl, interpret=interpret,
-            num_splits=num_splits)
+            num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
   out_s = _part(q[:, :hs].reshape(b, -1, p.group, d), sparse_view, q_pos,
                 **kw)
   out_d = _part(q[:, hs:].reshape(b, -1, p.group, d), dense_view, q_pos, **kw)

@@ -19,6 +19,15 @@ case $part in
     timeout 150 python3 -m experiments.bench_attention --lengths=32768,131072 --cases=s2 \
       --impls=pallas_triton --block=64 --local_blocks=16 --vert_stride=8 --warmup=1 \
       --repeats=5 --out_dir="$out/phi3" 2>&1 | grep -v Warn | tee "$out/phi3.log" ;;
+  verify)  # numerics on the GPU: shared suite, S2 decode, large tiles
+    timeout 300 python3 -m pytest tests/test_attention_impls.py tests/test_s2_inference.py -k "Gpu or gpu" \
+      -v -p no:cacheprovider 2>&1 | grep -v Warn | tee "$out/gpu_tests.log" | tail -5
+    timeout 200 python3 -m experiments.check_gpu_shapes 2>&1 | grep -v -e Warn -e masks.py | tee "$out/check_gpu_shapes.log" ;;
+  final)  # attention at 32K and 128K after the exp2 change, and S2 decode
+    timeout 300 python3 -m experiments.bench_attention --lengths=32768,131072 --warmup=1 \
+      --repeats=5 --out_dir="$out/exp2" 2>&1 | grep -v Warn | tee "$out/exp2.log"
+    timeout 250 python3 -m experiments.bench_decode --lengths=32768,131072 \
+      --impls=cudnn,pallas_triton --out="$out/decode.json" 2>&1 | grep -v Warn | tee "$out/decode.log" ;;
   train)
     common="--config.model.d_model=768 --config.model.num_layers=12 --config.model.num_heads=12
       --config.model.num_kv_heads=4 --config.seq_len=8192 --config.batch_size=4

@@ -26,7 +26,7 @@ def main(argv):
   del argv
   length, heads, kv_heads = 2048 + 37, 8, 2
   worst = 0.0
-  for d, block, kind in itertools.product((64, 96, 128, 256), (64, 128),
+  for d, block, kind in itertools.product((256, 128, 96, 64), (128, 64),
                                           ("causal", "s2")):
     mask = (sj.masks.causal(length, block_size=block) if kind == "causal" else
             sj.masks.s2(length, heads, num_kv_heads=kv_heads, block_size=block,

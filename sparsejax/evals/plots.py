@@ -26,9 +26,9 @@ def loss_curves(runs: Mapping[str, Mapping[str, Any]], path: str) -> str:
   ax.set_title("Byte LM on the local text corpus: dense vs S2 vs S2-hybrid")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  lo = min(min(v for _, v in r["eval_loss"] or r["train_loss"])
-           for r in runs.values())
-  ax.set_ylim(lo - 0.1, lo + 1.5)
+  values = [v for r in runs.values()
+            for _, v in r["train_loss"] + r["eval_loss"]]
+  ax.set_ylim(min(values) - 0.05, min(values) + 1.6)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

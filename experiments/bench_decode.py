@@ -5,7 +5,8 @@ r"""Times decode: dense (cuDNN) vs S2 over the compacted KV cache.
 
 Defaults: batch 8, 32 q / 8 kv heads, head_dim 128, bf16, the Phi-3-small S2
 pattern (block 64, local 16, stride 8, offset 1). On CPU use tiny sizes:
---lengths=1024 --impls=dense_xla,xla --batch=1 --heads=4 --kv_heads=2.
+--lengths=1024 --impls=dense_xla,xla --batch=1 --heads=4 --kv_heads=2
+--inner=1.
 """
 
 import json
@@ -39,6 +40,7 @@ _WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps")
 _STAGES = flags.DEFINE_integer("num_stages", 2, "Triton pipeline stages")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "warm-up calls after compile")
 _REPEATS = flags.DEFINE_integer("repeats", 50, "timed calls (median)")
+_INNER = flags.DEFINE_integer("inner", 10, "unsynced calls per timed repeat")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Pallas interpret mode")
 _OUT = flags.DEFINE_string("out", "", "JSON output path")
 
@@ -55,7 +57,7 @@ def main(argv):
       head_dim=_HEAD_DIM.value, dtype=jnp.dtype(_DTYPE.value),
       pattern=pattern, num_splits=_SPLITS.value, num_warps=_WARPS.value,
       num_stages=_STAGES.value, warmup=_WARMUP.value,
-      repeats=_REPEATS.value, interpret=_INTERPRET.value)
+      repeats=_REPEATS.value, inner=_INNER.value, interpret=_INTERPRET.value)
   print(bench.format_table(rows))
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
@@ -65,7 +67,7 @@ def main(argv):
                 "lengths", "impls", "batch", "heads", "kv_heads", "head_dim",
                 "dtype", "block", "local_blocks", "vert_stride",
                 "head_sliding_offset", "dense_heads", "num_splits", "num_warps",
-                "num_stages", "warmup",
+                "num_stages", "warmup", "inner",
                 "repeats")}}
     with open(_OUT.value, "w") as f:
       json.dump({"meta": meta, "rows": rows}, f, indent=1)

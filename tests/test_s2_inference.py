@@ -151,7 +151,7 @@ def test_bench_decode_runs_on_cpu(tmp_path):
   rows = bench.bench_decode([256], ["dense_xla", "xla", "pallas_triton"],
                             batch=2, head_dim=16, dtype=jnp.float32,
                             pattern=pattern, warmup=0, repeats=1,
-                            interpret=True)
+                            inner=1, interpret=True)
   assert [r["impl"] for r in rows] == ["dense_xla", "xla", "pallas_triton"]
   assert rows[2]["max_abs_err"] < 1e-4
   assert rows[1]["kv_bytes_per_token"] < rows[0]["kv_bytes_per_token"]
@@ -160,7 +160,7 @@ def test_bench_decode_runs_on_cpu(tmp_path):
                   "--lengths=512", "--impls=dense_xla,xla", "--batch=1",
                   "--heads=4", "--kv_heads=2", "--head_dim=16",
                   "--dtype=float32", "--block=16", "--local_blocks=2",
-                  "--vert_stride=4", "--warmup=0", "--repeats=1",
+                  "--vert_stride=4", "--warmup=0", "--repeats=1", "--inner=1",
                   f"--out={out}"], check=True, capture_output=True)
   result = json.loads(out.read_text())
   assert {r["impl"] for r in result["rows"]} == {"dense_xla", "xla"}

@@ -34,12 +34,12 @@ def _qkv(b=1, length=64, heads=2, kv_heads=1, d=16, dtype=jnp.float32):
   return q, k, v
 
 
-def _kernel_inputs(mask, q, k, interpret, soft_cap=None):
+def _kernel_inputs(mask, q, k, interpret, soft_cap=None, tuning=None):
   """Block-padded lists and StaticConfig, as sparsejax.attention builds them."""
   cfg = StaticConfig(block_q=mask.block_q, block_kv=mask.block_kv,
                      q_len=mask.q_len, kv_len=mask.kv_len,
                      mask_fn=mask.kernel_mask_fn, scale=q.shape[-1] ** -0.5,
-                     soft_cap=soft_cap, interpret=interpret)
+                     soft_cap=soft_cap, interpret=interpret, tuning=tuning)
   return broadcast_lists(mask, q.shape[0], q.shape[2]), cfg
 
 
@@ -100,6 +100,8 @@ class TestValidation:
       bsa.TuningConfig(vmem_limit_bytes=10)
     with pytest.raises(ValueError, match="megacore"):
       bsa.TuningConfig(megacore=1)
+    with pytest.raises(ValueError, match="smem_table_bytes"):
+      bsa.TuningConfig(smem_table_bytes=2 << 20)
     q, k, v = _qkv()
     mask = sj.masks.causal(64, block_size=16)
     tuning = bsa.TuningConfig(megacore=False, vmem_limit_bytes=64 << 20)
@@ -110,6 +112,17 @@ class TestValidation:
     with pytest.raises(ValueError, match="TuningConfig"):
       sj.attention(q, k, v, mask, impl="pallas_tpu", interpret=True,
                    tuning=object())
+
+  def test_step_table_in_smem_sized_chunks(self):
+    """A table over the SMEM budget runs as a loop of row chunks."""
+    assert bsa._chunk_rows(8192, 257, 256 * 1024) == 128  # pylint: disable=protected-access
+    assert bsa._chunk_rows(7, 10, 100) == 1  # pylint: disable=protected-access
+    from tests.attention_cases import CASES_BY_NAME  # pylint: disable=g-import-not-at-top
+    from tests.attention_test_base import check_case  # pylint: disable=g-import-not-at-top
+    # A 40-byte budget: forward/dQ run 8 one-row chunks, dK/dV 10 of two.
+    check_case({"impl": "pallas_tpu", "interpret": True,
+                "tuning": bsa.TuningConfig(smem_table_bytes=40)},
+               CASES_BY_NAME["cross_random_per_batch_head"], jnp.float32)
 
   def test_needs_tpu_without_interpret(self):
     if jax.devices()[0].platform == "tpu":
@@ -180,15 +193,16 @@ _TPU = jax.sharding.AbstractDevice(device_kind="TPU v5e", num_cores=1,
                                    platform="tpu")
 
 
-@pytest.mark.parametrize("dtype,length,heads,kv_heads,d,soft_cap,mask", [
-    (jnp.bfloat16, 512, 4, 2, 128, None,
+@pytest.mark.parametrize("dtype,heads,kv_heads,d,soft_cap,mask,smem", [
+    (jnp.bfloat16, 4, 2, 128, None,
      lambda: sj.masks.s2(512, 4, block_size=128, local_blocks=2,
-                         vert_stride=2, num_kv_heads=2)),
-    # Ragged length (kv range mask), head_dim 64 padded to 128, soft-cap.
-    (jnp.float32, 300, 2, 1, 64, 5.0,
-     lambda: sj.masks.causal(300, block_size=128)),
-], ids=["s2_gqa_bf16", "causal_ragged_softcap_f32_d64"])
-def test_lowers_for_tpu(dtype, length, heads, kv_heads, d, soft_cap, mask):
+                         vert_stride=2, num_kv_heads=2), 256 * 1024),
+    # Ragged length (kv range mask), head_dim 64 padded to 128, soft-cap,
+    # and a step table cut into chunks (fori_loop with aliased outputs).
+    (jnp.float32, 2, 1, 64, 5.0,
+     lambda: sj.masks.causal(300, block_size=128), 64),
+], ids=["s2_gqa_bf16", "causal_ragged_softcap_f32_d64_chunked"])
+def test_lowers_for_tpu(dtype, heads, kv_heads, d, soft_cap, mask, smem):
   """Forward and gradient go through the real Mosaic lowering on CPU.
 
   This enforces the (8, 128) block tiling and the supported primitives, which
@@ -199,7 +213,9 @@ def test_lowers_for_tpu(dtype, length, heads, kv_heads, d, soft_cap, mask):
   lp = mask.num_q_blocks * mask.block_q
   q = jax.ShapeDtypeStruct((1, lp, heads, d), dtype)
   k = jax.ShapeDtypeStruct((1, lp, kv_heads, d), dtype)
-  lists, cfg = _kernel_inputs(mask, q, k, interpret=False, soft_cap=soft_cap)
+  lists, cfg = _kernel_inputs(
+      mask, q, k, interpret=False, soft_cap=soft_cap,
+      tuning=bsa.TuningConfig(smem_table_bytes=smem))
 
   def loss(q, k, v):
     return bsa.attention(q, k, v, lists, cfg)[0].astype(jnp.float32).sum()

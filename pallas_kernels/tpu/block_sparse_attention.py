@@ -5,8 +5,9 @@ BlockSpec index_maps read them, so the pipeline DMAs only listed blocks and
 the grid never visits an unlisted one. Being operands rather than constants,
 a new mask of the same list shapes reuses the compiled kernel.
 
-Grid: (batch, q head, q block, list step) for forward and dQ, and
-(batch, q head, kv block, list step) for dK/dV over the transposed lists. The
+Rows: (batch, q head, q block) for forward and dQ, and
+(batch, q head, kv block) for dK/dV over the transposed lists; the grid is
+(rows, list steps), the rows cut into SMEM-sized chunks (`_call`). The
 last axis ("arbitrary") walks ONE concatenated list per row: steps [0, Wf)
 are the full list, steps [Wf, Wf + Wp) the partial list (dropped when there
 is no mask_fn: then every listed block is full). XLA packs it into a single
@@ -56,12 +57,15 @@ class TuningConfig:
   Masks default to 128 x 128 blocks, which suit the TPU: block_q fills the
   MXU rows and block_kv the 128 lanes of the score tile.
   """
-  # Mark (batch, head, block) grid axes "parallel" so megacore chips (v4,
-  # v5p) split them across TensorCores; the list axis is always "arbitrary".
+  # Mark the row grid axis (batch, head, block) "parallel" so megacore chips
+  # (v4, v5p) split it across TensorCores; the list axis is "arbitrary".
   megacore: bool = True
   # Scoped VMEM limit for Mosaic; None keeps the compiler default. Raise it
   # for head_dim 256 with large blocks.
   vmem_limit_bytes: Optional[int] = None
+  # SMEM bytes for one chunk of the step table (SMEM is 1 MiB on v4..v7);
+  # longer tables run as several chunks of rows (see `_call`).
+  smem_table_bytes: int = 256 * 1024
 
   def __post_init__(self):
     if not isinstance(self.megacore, bool):
@@ -71,11 +75,15 @@ class TuningConfig:
         or self.vmem_limit_bytes < (1 << 20)):
       raise ValueError(f"vmem_limit_bytes must be None or an int >= 1 MiB, "
                        f"got {self.vmem_limit_bytes!r}")
+    if not isinstance(self.smem_table_bytes, int) or (
+        self.smem_table_bytes < 4 or self.smem_table_bytes > (1 << 20)):
+      raise ValueError(f"smem_table_bytes must be an int in [4, 1 MiB], got "
+                       f"{self.smem_table_bytes!r}")
 
   def compiler_params(self) -> pltpu.CompilerParams:
     par = "parallel" if self.megacore else "arbitrary"
     return pltpu.CompilerParams(
-        dimension_semantics=(par, par, par, "arbitrary"),
+        dimension_semantics=(par, "arbitrary"),
         vmem_limit_bytes=self.vmem_limit_bytes)
 
 
@@ -176,13 +184,13 @@ def _step_table(lists, suffix: str, cfg):
   return block * 4 + kind
 
 
-def _listed_block(steps_ref, row, j):
-  return jnp.right_shift(steps_ref[row + (j,)], 2)
+def _listed_block(table_ref, c, j):
+  return jnp.right_shift(table_ref[c, j], 2)
 
 
-def _run_step(steps_ref, row, j, cfg, body):
+def _run_step(table_ref, c, j, cfg, body):
   """body(block, mask_fn) for a listed step; full blocks get mask_fn None."""
-  entry = steps_ref[row + (j,)]
+  entry = table_ref[c, j]
   kind, block = jnp.bitwise_and(entry, 3), jnp.right_shift(entry, 2)
   pl.when(kind == _FULL)(lambda: body(block, None))
   if cfg.mask_fn is not None:
@@ -194,40 +202,102 @@ def _col(ref):
   return ref[...][:, 0]
 
 
-def _row_of():
-  """(b, h, grid row, list step, the row key into the step table)."""
-  b, h, r, j = (pl.program_id(a) for a in range(4))
-  return b, h, r, j, (b, h, r)
+# --- grid rows and SMEM chunks ----------------------------------------------
+#
+# The grid is (rows in chunk, list steps), a row being a flattened (batch,
+# head, block row) triple. The step table lives in SMEM (1 MiB on v4..v7,
+# shared with everything else), and at long lengths its B * H * R * S int32
+# entries do not fit (32 heads at 32K dense: 8 MB). So rows are cut into
+# chunks of at most `TuningConfig.smem_table_bytes`, run by ONE kernel in a
+# fori_loop: the chunk's first row is a second scalar-prefetch operand, and
+# the outputs are aliased through the loop so each chunk fills its blocks.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+  """Decodes a flat grid row into (batch, head, block row)."""
+  heads: int
+  rows: int  # block rows per head: nq (forward, dQ) or nk (dK/dV)
+
+  def decode(self, row):
+    # Truncating div/rem on non-negative scalars: no floor sign fix-ups.
+    return (jax.lax.div(row, self.heads * self.rows),
+            jax.lax.rem(jax.lax.div(row, self.rows), self.heads),
+            jax.lax.rem(row, self.rows))
+
+  def spec(self, block_shape, index):
+    """BlockSpec whose block is index(b, h, r, listed block)."""
+
+    def index_map(c, j, table_ref, start_ref):
+      b, h, r = self.decode(start_ref[0] + c)
+      return index(b, h, r, _listed_block(table_ref, c, j))
+
+    return pl.BlockSpec(block_shape, index_map)
+
+  def grid_point(self, start_ref):
+    """(b, h, r, c, j): the row, its slot in the chunk and the list step."""
+    c, j = pl.program_id(0), pl.program_id(1)
+    return (*self.decode(start_ref[0] + c), c, j)
 
 
 def _is_last_step(j):
-  return j == pl.num_programs(3) - 1
+  return j == pl.num_programs(1) - 1
+
+
+def _chunk_rows(n: int, width: int, budget: int) -> int:
+  """The largest divisor of n whose table chunk fits the SMEM budget."""
+  best = 1
+  for c in range(1, n + 1):
+    if n % c == 0 and c * width * 4 <= budget:
+      best = c
+  return best
 
 
 def _call(kernel, steps, args, *, in_specs, out_specs, out_shape, scratch,
           cfg, interpret, name):
-  """One scalar-prefetch pallas_call over grid (B, H, rows, list steps)."""
-  b, h, rows, width = steps.shape
-  return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg),
+  """kernel(table, start, *args refs, *out refs, *scratch) over all rows."""
+  width = steps.shape[-1]
+  table = steps.reshape(-1, width)
+  n = table.shape[0]
+  tuning = _tuning(cfg)
+  chunk = _chunk_rows(n, width, tuning.smem_table_bytes)
+  n_in, n_out = len(args), len(out_shape)
+
+  def aliased_kernel(table_ref, start_ref, *refs):
+    # Drop the aliased output buffers, passed in as (never read) inputs.
+    kernel(table_ref, start_ref, *refs[:n_in], *refs[n_in + n_out:])
+
+  call = pl.pallas_call(
+      aliased_kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(b, h, rows, width),
-          in_specs=in_specs,
+          num_scalar_prefetch=2,
+          grid=(chunk, width),
+          in_specs=[*in_specs, *[pl.BlockSpec(memory_space=pl.ANY)] * n_out],
           out_specs=out_specs,
           scratch_shapes=scratch),
       out_shape=out_shape,
-      compiler_params=_tuning(cfg).compiler_params(),
+      input_output_aliases={2 + n_in + o: o for o in range(n_out)},
+      compiler_params=tuning.compiler_params(),
       interpret=interpret,
       name=name,
-  )(steps, *args)
+  )
+
+  def run_chunk(t, outs):
+    start = jnp.asarray(t * chunk, jnp.int32)
+    part = jax.lax.dynamic_slice_in_dim(table, start, chunk, 0)
+    return tuple(call(part, start[None], *args, *outs))
+
+  outs = tuple(jnp.zeros(o.shape, o.dtype) for o in out_shape)
+  if chunk == n:
+    return run_chunk(0, outs)
+  return jax.lax.fori_loop(0, n // chunk, run_chunk, outs)
 
 
 class _Geometry:
-  """Shapes, kernel head dim and the BlockSpecs shared by the three kernels.
+  """Shapes, kernel head dim and the tiles shared by the three kernels.
 
-  Every index_map takes (b, h, r, j, steps_ref): r is the grid row (a q
-  block for forward/dQ, a kv block for dK/dV) and j the list step.
+  Tiles sit at the grid row's own block ("row") or at the block its list
+  step names ("listed"): q blocks for forward/dQ rows, kv blocks for dK/dV.
   """
 
   def __init__(self, q, k, cfg):
@@ -246,45 +316,34 @@ class _Geometry:
   def unview(self, x):
     return _unview(x, self.h, self.d)
 
-  # Row operands (the grid row's own block).
-  def q_row(self):
-    return pl.BlockSpec((None, self.bq, self.dp),
-                        lambda b, h, r, j, _: (b, r, h))
+  @staticmethod
+  def _pick(which):
+    return (lambda r, s: r) if which == "row" else (lambda r, s: s)
 
-  def kv_row(self, head_of_q=False):
-    g = 1 if head_of_q else self.group
-    return pl.BlockSpec((None, self.bk, self.dp),
-                        lambda b, h, r, j, _: (b, r, h // g))
+  def q_tile(self, rows, which):
+    pick = self._pick(which)
+    return rows.spec((None, self.bq, self.dp),
+                     lambda b, h, r, s: (b, pick(r, s), h))
 
-  def col_row(self):  # lse / delta as (block_q, 1) columns
-    return pl.BlockSpec((None, None, self.bq, 1),
-                        lambda b, h, r, j, _: (b, h, r, 0))
+  def kv_tile(self, rows, which, head_of_q=False):
+    pick, g = self._pick(which), 1 if head_of_q else self.group
+    return rows.spec((None, self.bk, self.dp),
+                     lambda b, h, r, s: (b, pick(r, s), h // g))
 
-  # Listed operands (the block named by the step table).
-  def kv_listed(self):
-    return pl.BlockSpec(
-        (None, self.bk, self.dp),
-        lambda b, h, r, j, s: (b, _listed_block(s, (b, h, r), j),
-                               h // self.group))
-
-  def q_listed(self):
-    return pl.BlockSpec(
-        (None, self.bq, self.dp),
-        lambda b, h, r, j, s: (b, _listed_block(s, (b, h, r), j), h))
-
-  def col_listed(self):
-    return pl.BlockSpec(
-        (None, None, self.bq, 1),
-        lambda b, h, r, j, s: (b, h, _listed_block(s, (b, h, r), j), 0))
+  def col_tile(self, rows, which):
+    """lse / delta [B, H, Lq, 1] as (block_q, 1) columns."""
+    pick = self._pick(which)
+    return rows.spec((None, None, self.bq, 1),
+                     lambda b, h, r, s: (b, h, pick(r, s), 0))
 
 
 # --- forward ----------------------------------------------------------------
 
 
-def _fwd_kernel(steps_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref,
-                acc_ref, *, cfg):
+def _fwd_kernel(table_ref, start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                m_ref, l_ref, acc_ref, *, cfg, rows):
   bq, bk = cfg.block_q, cfg.block_kv
-  b, h, i, j, row = _row_of()
+  b, h, i, c, j = rows.grid_point(start_ref)
   ragged = cfg.kv_len % bk != 0  # padded keys are zeros: mask them out
 
   @pl.when(j == 0)
@@ -303,7 +362,7 @@ def _fwd_kernel(steps_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref,
     l_ref[...] = l[:, None]
     acc_ref[...] = acc
 
-  _run_step(steps_ref, row, j, cfg, body)
+  _run_step(table_ref, c, j, cfg, body)
 
   @pl.when(_is_last_step(j))
   def _finish():
@@ -315,11 +374,13 @@ def _fwd_kernel(steps_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref,
 
 def forward(q, k, v, lists, cfg):
   g = _Geometry(q, k, cfg)
+  rows = _Rows(g.h, g.lq // g.bq)
   out, lse = _call(
-      _fwd_kernel, _step_table(lists, "", cfg),
-      (g.view(q), g.view(k), g.view(v)),
-      in_specs=[g.q_row(), g.kv_listed(), g.kv_listed()],
-      out_specs=[g.q_row(), g.col_row()],
+      functools.partial(_fwd_kernel, cfg=cfg, rows=rows),
+      _step_table(lists, "", cfg), (g.view(q), g.view(k), g.view(v)),
+      in_specs=[g.q_tile(rows, "row"), g.kv_tile(rows, "listed"),
+                g.kv_tile(rows, "listed")],
+      out_specs=[g.q_tile(rows, "row"), g.col_tile(rows, "row")],
       out_shape=[jax.ShapeDtypeStruct((g.b, g.lq, g.h * g.dp), q.dtype),
                  jax.ShapeDtypeStruct((g.b, g.h, g.lq, 1), jnp.float32)],
       scratch=[pltpu.VMEM((g.bq, 1), jnp.float32),
@@ -332,10 +393,10 @@ def forward(q, k, v, lists, cfg):
 # --- backward: dQ over row lists --------------------------------------------
 
 
-def _dq_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, acc_ref, *, cfg):
+def _dq_kernel(table_ref, start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, acc_ref, *, cfg, rows):
   bq, bk = cfg.block_q, cfg.block_kv
-  b, h, i, j, row = _row_of()
+  b, h, i, c, j = rows.grid_point(start_ref)
   ragged = cfg.kv_len % bk != 0
 
   @pl.when(j == 0)
@@ -353,7 +414,7 @@ def _dq_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                                 precision=block_math.dot_precision(k.dtype),
                                 preferred_element_type=jnp.float32)
 
-  _run_step(steps_ref, row, j, cfg, body)
+  _run_step(table_ref, c, j, cfg, body)
 
   @pl.when(_is_last_step(j))
   def _finish():
@@ -363,14 +424,17 @@ def _dq_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 def backward_dq(q, k, v, do, lse, delta, lists, cfg):
   """dQ [B, Lq, H, D]: the forward's grid over the row lists."""
   g = _Geometry(q, k, cfg)
-  dq = _call(
-      _dq_kernel, _step_table(lists, "", cfg),
+  rows = _Rows(g.h, g.lq // g.bq)
+  (dq,) = _call(
+      functools.partial(_dq_kernel, cfg=cfg, rows=rows),
+      _step_table(lists, "", cfg),
       (g.view(q), g.view(k), g.view(v), g.view(do.astype(q.dtype)),
        lse[..., None], delta[..., None]),
-      in_specs=[g.q_row(), g.kv_listed(), g.kv_listed(), g.q_row(),
-                g.col_row(), g.col_row()],
-      out_specs=g.q_row(),
-      out_shape=jax.ShapeDtypeStruct((g.b, g.lq, g.h * g.dp), q.dtype),
+      in_specs=[g.q_tile(rows, "row"), g.kv_tile(rows, "listed"),
+                g.kv_tile(rows, "listed"), g.q_tile(rows, "row"),
+                g.col_tile(rows, "row"), g.col_tile(rows, "row")],
+      out_specs=[g.q_tile(rows, "row")],
+      out_shape=[jax.ShapeDtypeStruct((g.b, g.lq, g.h * g.dp), q.dtype)],
       scratch=[pltpu.VMEM((g.bq, g.dp), jnp.float32)],
       cfg=cfg, interpret=g.interpret, name="sparsejax_block_sparse_dq_tpu")
   return g.unview(dq)
@@ -379,10 +443,10 @@ def backward_dq(q, k, v, do, lse, delta, lists, cfg):
 # --- backward: dK/dV over column lists --------------------------------------
 
 
-def _dkv_kernel(steps_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, dk_acc, dv_acc, *, cfg):
+def _dkv_kernel(table_ref, start_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
+                delta_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, cfg, rows):
   bq, bk = cfg.block_q, cfg.block_kv
-  b, h, c, j, row = _row_of()
+  b, h, kv_block, c, j = rows.grid_point(start_ref)
   ragged = cfg.kv_len % bk != 0
 
   @pl.when(j == 0)
@@ -392,8 +456,8 @@ def _dkv_kernel(steps_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref,
 
   def body(q_block, fn):
     q, do = q_ref[...], do_ref[...]
-    vis = block_math.element_mask(fn, b, h, q_block * bq, c * bk, bq, bk,
-                                  cfg.kv_len, ragged)
+    vis = block_math.element_mask(fn, b, h, q_block * bq, kv_block * bk, bq,
+                                  bk, cfg.kv_len, ragged)
     p, ds = block_math.probs_and_dscores(
         q, k_ref[...], v_ref[...], do, _col(lse_ref), _col(delta_ref),
         cfg.scale, cfg.soft_cap, vis)
@@ -406,7 +470,7 @@ def _dkv_kernel(steps_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref,
                                        precision=prec,
                                        preferred_element_type=jnp.float32)
 
-  _run_step(steps_ref, row, j, cfg, body)
+  _run_step(table_ref, c, j, cfg, body)
 
   @pl.when(_is_last_step(j))
   def _finish():
@@ -417,15 +481,18 @@ def _dkv_kernel(steps_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref,
 def backward_dkv(q, k, v, do, lse, delta, lists, cfg):
   """(dK, dV) [B, Lk, Hkv, D]: per q head over the transposed lists."""
   g = _Geometry(q, k, cfg)
+  rows = _Rows(g.h, g.lk // g.bk)
   # Per-q-head partials are summed per kv head below: keep them in f32.
   dtype = k.dtype if g.group == 1 else jnp.float32
   dk, dv = _call(
-      _dkv_kernel, _step_table(lists, "_t", cfg),
+      functools.partial(_dkv_kernel, cfg=cfg, rows=rows),
+      _step_table(lists, "_t", cfg),
       (g.view(k), g.view(v), g.view(q), g.view(do.astype(q.dtype)),
        lse[..., None], delta[..., None]),
-      in_specs=[g.kv_row(), g.kv_row(), g.q_listed(), g.q_listed(),
-                g.col_listed(), g.col_listed()],
-      out_specs=[g.kv_row(head_of_q=True)] * 2,
+      in_specs=[g.kv_tile(rows, "row"), g.kv_tile(rows, "row"),
+                g.q_tile(rows, "listed"), g.q_tile(rows, "listed"),
+                g.col_tile(rows, "listed"), g.col_tile(rows, "listed")],
+      out_specs=[g.kv_tile(rows, "row", head_of_q=True)] * 2,
       out_shape=[jax.ShapeDtypeStruct((g.b, g.lk, g.h * g.dp), dtype)] * 2,
       scratch=[pltpu.VMEM((g.bk, g.dp), jnp.float32)] * 2,
       cfg=cfg, interpret=g.interpret, name="sparsejax_block_sparse_dkv_tpu")

@@ -9,6 +9,7 @@ Pallas -> Mosaic lowering on CPU, which enforces the (8, 128) block tiling.
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import numpy as np
 import pytest
@@ -145,8 +146,6 @@ class TestRaceDetection:
   """Each kernel on two simulated TensorCores ("parallel" axes split)."""
 
   def test_detector_sees_a_planted_race(self):
-    from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-
     def kernel(x_ref, o_ref):
       o_ref[...] = x_ref[...] + 1.0
 

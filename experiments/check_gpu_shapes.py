@@ -28,6 +28,8 @@ def main(argv):
   worst = 0.0
   for d, block, kind in itertools.product((256, 128, 96, 64), (128, 64),
                                           ("causal", "s2")):
+    if d > 128 and block > 64:
+      continue  # rejected with a ValueError: shared memory (see validate_blocks)
     mask = (sj.masks.causal(length, block_size=block) if kind == "causal" else
             sj.masks.s2(length, heads, num_kv_heads=kv_heads, block_size=block,
                         local_blocks=2, vert_stride=4))
@@ -37,11 +39,17 @@ def main(argv):
     v = jax.random.normal(ks[2], k.shape, jnp.bfloat16)
     do = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
     res = {}
-    for impl in ("reference", "pallas_triton"):
-      f = lambda q, k, v, impl=impl: sj.attention(q, k, v, mask, impl=impl,
-                                                  return_lse=True)
-      (o, lse), vjp = jax.vjp(jax.jit(f), q, k, v)
-      res[impl] = (o, lse) + vjp((do, jnp.zeros_like(lse)))
+    try:
+      for impl in ("reference", "pallas_triton"):
+        f = lambda q, k, v, impl=impl: sj.attention(q, k, v, mask, impl=impl,
+                                                    return_lse=True)
+        (o, lse), vjp = jax.vjp(jax.jit(f), q, k, v)
+        res[impl] = (o, lse) + vjp((do, jnp.zeros_like(lse)))
+    except Exception as e:  # pylint: disable=broad-except
+      worst = float("inf")
+      print(f"d={d:3d} block={block:3d} {kind:6s} FAILED: "
+            f"{type(e).__name__}: {str(e)[:160]}", flush=True)
+      continue
     errs = [_rel(a, b) for a, b in zip(res["pallas_triton"], res["reference"])]
     worst = max(worst, max(errs))
     print(f"d={d:3d} block={block:3d} {kind:6s} rel err out/lse/dq/dk/dv: "

@@ -58,3 +58,13 @@ def test_lowering_rejects_what_the_gpu_rejects():
   with pytest.raises(ValueError, match="power of 2"):
     jax.jit(f).trace(jax.ShapeDtypeStruct((24,), jnp.float32)).lower(
         lowering_platforms=("cuda",))
+
+
+def test_head_dim_256_needs_small_tiles():
+  """128-wide tiles at head_dim 256 overflow the H200's shared memory."""
+  q = jax.ShapeDtypeStruct((1, 300, 2, 256), jnp.bfloat16)
+  fwd = lambda m: (lambda q, k, v: sj.attention(q, k, v, m,
+                                                impl="pallas_triton"))
+  with pytest.raises(ValueError, match="block_q <= 64"):
+    _lower(fwd(sj.masks.causal(300, block_size=128)), q, q, q)
+  _lower(fwd(sj.masks.causal(300, block_size=64)), q, q, q)

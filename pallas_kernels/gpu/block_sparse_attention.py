@@ -88,6 +88,12 @@ def validate_blocks(block_q: int, block_kv: int, head_dim: int) -> None:
     if b < 16 or b > 256 or b & (b - 1):
       raise ValueError(f"pallas_triton needs {name} a power of two in "
                        f"[16, 256], got {b}")
+    # Measured on the H200: head_dim 256 with 128-wide tiles asks for ~300 KB
+    # of shared memory (the SM has 227 KB).
+    if head_dim > 128 and b > 64:
+      raise ValueError(f"pallas_triton at head_dim {head_dim} needs {name} <= "
+                       f"64 (shared memory); build the mask with "
+                       f"block_size=64, got {b}")
   if head_dim & (head_dim - 1):
     raise ValueError(f"head_dim must be padded to a power of two, got "
                      f"{head_dim}")
@@ -275,6 +281,7 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   group = h // hkv
   bq, bk = cfg.block_q, cfg.block_kv
   nq, nk = lq // bq, lk // bk
+  validate_blocks(bq, bk, d)
   tuning = cfg.tuning or TuningConfig()
   params = pltriton.CompilerParams(num_warps=tuning.warps("bwd", d),
                                    num_stages=tuning.num_stages_bwd)

@@ -24,7 +24,10 @@ NEEDLE_JSON = "needle.json"
 NEEDLE_COMMON = {
     "seq_len": 64,
     "batch_size": 128,
-    "num_train_steps": 500,
+    "num_train_steps": 1000,
+    # 200K distinct needles (128K seen): with the default 20K the models
+    # memorised the training answers (train loss fell, eval stayed at chance).
+    "data.num_examples": 200_000,
     "model.num_layers": 2,
     "model.d_model": 64,
     "model.mlp_dim": 256,
@@ -134,7 +137,27 @@ def needle_comparison(get_config: Callable[[str], Any], workdir: str,
       # Written after each length so a partial run still leaves results.
       compare.save_json(out_json, os.path.join(out_dir, NEEDLE_JSON))
   compare.save_json(out_json, os.path.join(out_dir, NEEDLE_JSON))
+  print(needle_table(out_json))
   return out_json
+
+
+def needle_table(result: dict) -> str:
+  """Markdown: exact match per (model, length) and depth, plus the mean."""
+  depths = result["depths"]
+  head = "| model | length | " + " | ".join(f"depth {d}" for d in depths)
+  lines = [head + " | mean | eval s |",
+           "|---|---|" + "---|" * (len(depths) + 2)]
+  for name, m in result["models"].items():
+    for n in result["lengths"]:
+      acc = m["accuracy"].get(str(n))
+      if acc is None:
+        lines.append(f"| {name} | {n} | " + " | ".join("skipped" for _ in
+                                                        depths) + " | | |")
+        continue
+      cells = " | ".join(f"{acc[str(d)]:.2f}" for d in depths)
+      lines.append(f"| {name} | {n} | {cells} | {_mean(acc):.2f} | "
+                   f"{m['eval_seconds'][str(n)]:.0f} |")
+  return "\n".join(lines)
 
 
 def _mean(per_depth: dict) -> float:

@@ -48,3 +48,27 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     else:
       raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
   return ml_collections.ConfigDict(out)
+
+
+def add_training_defaults(config: ml_collections.ConfigDict, *, optimizer: dict,
+                          log_every: int, eval_steps: int) -> None:
+  """Optimizer, logging, eval, checkpoint and mesh fields every experiment has.
+
+  Step counts are references to `num_train_steps` and `batch_size`, so they
+  follow command-line overrides.
+  """
+  config.optimizer = ml_collections.ConfigDict(dict(optimizer))
+  config.optimizer.warmup_steps = config.get_ref("num_train_steps") // 10
+  config.optimizer.decay_steps = config.get_ref("num_train_steps")
+  config.log_every = log_every
+  config.eval_every = config.get_ref("num_train_steps")
+  config.eval_steps = eval_steps
+  config.eval_batch_size = config.get_ref("batch_size")
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every=config.get_ref("num_train_steps") // 2, keep=2, async_save=False))
+  # Sizes of the data / fsdp / tensor mesh axes; -1 takes the rest.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Peak FLOP/s of one device for the MFU estimate (None: look it up, or
+  # report TFLOP/s only).
+  config.peak_flops = ml_collections.config_dict.placeholder(float)
+  config.progress_bar = True

@@ -67,22 +67,8 @@ def get_config(arg=None):
   config.attention.soft_cap = ml_collections.config_dict.placeholder(float)
   config.attention.layers = ml_collections.config_dict.placeholder(str)
 
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      clip_norm=1.0, end_lr_factor=0.1))
-  config.optimizer.warmup_steps = config.get_ref("num_train_steps") // 10
-  config.optimizer.decay_steps = config.get_ref("num_train_steps")
-
-  config.log_every = 5 if arg.small else 20
-  config.eval_every = config.get_ref("num_train_steps")
-  config.eval_steps = 2 if arg.small else 8
-  config.eval_batch_size = config.get_ref("batch_size")
-  config.checkpoint = ml_collections.ConfigDict(dict(
-      every=config.get_ref("num_train_steps") // 2, keep=2, async_save=False))
-  # Sizes of the data / fsdp / tensor mesh axes; -1 takes the rest.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # Peak FLOP/s of one device for the MFU estimate (None: look it up, or
-  # report TFLOP/s only).
-  config.peak_flops = ml_collections.config_dict.placeholder(float)
-  config.progress_bar = True
+  common.add_training_defaults(
+      config, optimizer=dict(learning_rate=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      clip_norm=1.0, end_lr_factor=0.1),
+      log_every=5 if arg.small else 20, eval_steps=2 if arg.small else 8)
   return config

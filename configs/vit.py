@@ -49,19 +49,8 @@ def get_config(arg=None):
   config.attention.soft_cap = ml_collections.config_dict.placeholder(float)
   config.attention.layers = ml_collections.config_dict.placeholder(str)
 
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
-      clip_norm=1.0, end_lr_factor=0.01))
-  config.optimizer.warmup_steps = config.get_ref("num_train_steps") // 10
-  config.optimizer.decay_steps = config.get_ref("num_train_steps")
-
-  config.log_every = 5 if arg.small else 50
-  config.eval_every = config.get_ref("num_train_steps")
-  config.eval_steps = 2 if arg.small else 16
-  config.eval_batch_size = config.get_ref("batch_size")
-  config.checkpoint = ml_collections.ConfigDict(dict(
-      every=config.get_ref("num_train_steps") // 2, keep=2, async_save=False))
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.peak_flops = ml_collections.config_dict.placeholder(float)
-  config.progress_bar = True
+  common.add_training_defaults(
+      config, optimizer=dict(learning_rate=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
+      clip_norm=1.0, end_lr_factor=0.01),
+      log_every=5 if arg.small else 50, eval_steps=2 if arg.small else 16)
   return config

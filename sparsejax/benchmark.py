@@ -133,15 +133,17 @@ def contenders(names: List[str], tuning=None) -> List[Contender]:
 # --- timing ----------------------------------------------------------------------
 
 
-def median_ms(fn, args, warmup: int, repeats: int) -> float:
+def median_ms(fn, args, warmup: int, repeats: int, inner: int = 1) -> float:
+  """Median over `repeats` of the time of `inner` calls (one device sync at
+  the end) divided by `inner`, after compiling and `warmup` calls."""
   jax.block_until_ready(fn(*args))  # compile
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
+    jax.block_until_ready([fn(*args) for _ in range(inner)])
+    times.append((time.perf_counter() - t0) * 1e3 / inner)
   return statistics.median(times)
 
 

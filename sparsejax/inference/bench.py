@@ -15,8 +15,6 @@ bandwidth.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from typing import Dict, List, Optional, Sequence
 
 import jax
@@ -59,16 +57,7 @@ def _s2_cache(batch, length, pattern, head_dim, dtype, key):
 
 def pipelined_us(fn, args, warmup: int, repeats: int, inner: int) -> float:
   """Median over repeats of (time for `inner` unsynced calls) / inner."""
-  jax.block_until_ready(fn(*args))  # compile
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(inner)]
-    jax.block_until_ready(outs)
-    times.append((time.perf_counter() - t0) * 1e6 / inner)
-  return statistics.median(times)
+  return benchmark.median_ms(fn, args, warmup, repeats, inner) * 1e3
 
 
 def _read_bytes(cache: S2KVCache) -> int:

@@ -38,7 +38,7 @@ def loss_curves(runs: Mapping[str, Mapping[str, Any]], path: str) -> str:
 def needle_heatmaps(result: Mapping[str, Any], path: str) -> str:
   """One accuracy heatmap (length x depth) per model, side by side."""
   models = result["models"]
-  fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6),
+  fig, axes = plt.subplots(1, len(models), figsize=(5.0 * len(models), 3.6),
                            squeeze=False)
   for ax, (name, m) in zip(axes[0], models.items()):
     lengths = result["lengths"]
@@ -55,6 +55,7 @@ def needle_heatmaps(result: Mapping[str, Any], path: str) -> str:
       for j in range(len(depths)):
         text = "skip" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
         ax.text(j, i, text, ha="center", va="center", fontsize=8)
+  fig.subplots_adjust(wspace=0.45)
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact match")
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)

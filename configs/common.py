@@ -54,16 +54,18 @@ def add_training_defaults(config: ml_collections.ConfigDict, *, optimizer: dict,
                           log_every: int, eval_steps: int) -> None:
   """Optimizer, logging, eval, checkpoint and mesh fields every experiment has.
 
-  Step counts are references to `num_train_steps` and `batch_size`, so they
-  follow command-line overrides.
+  Step counts are derived from `num_train_steps` and `batch_size`, so they
+  follow command-line overrides. Each is a new reference (`* 1`): assigning a
+  bare get_ref would alias the field, and overriding eval_every would then
+  rewrite num_train_steps.
   """
   config.optimizer = ml_collections.ConfigDict(dict(optimizer))
   config.optimizer.warmup_steps = config.get_ref("num_train_steps") // 10
-  config.optimizer.decay_steps = config.get_ref("num_train_steps")
+  config.optimizer.decay_steps = config.get_ref("num_train_steps") * 1
   config.log_every = log_every
-  config.eval_every = config.get_ref("num_train_steps")
+  config.eval_every = config.get_ref("num_train_steps") * 1
   config.eval_steps = eval_steps
-  config.eval_batch_size = config.get_ref("batch_size")
+  config.eval_batch_size = config.get_ref("batch_size") * 1
   config.checkpoint = ml_collections.ConfigDict(dict(
       every=config.get_ref("num_train_steps") // 2, keep=2, async_save=False))
   # Sizes of the data / fsdp / tensor mesh axes; -1 takes the rest.

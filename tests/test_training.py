@@ -158,3 +158,19 @@ def test_derived_config_fields_follow_overrides():
   assert config.optimizer.warmup_steps == 100
   assert config.checkpoint.every == 500
   assert config.model.mlp_dim == 256
+
+
+def test_derived_config_fields_do_not_alias_their_source():
+  """Overriding a derived field must not rewrite the field it derives from."""
+  from configs import lm, vit
+  for get_config in (lm.get_config, vit.get_config):
+    config = get_config(None)
+    config.num_train_steps = 180
+    config.eval_every = 45
+    config.eval_batch_size = 2
+    config.optimizer.decay_steps = 100
+    assert config.num_train_steps == 180
+    assert config.batch_size != 2 or config.eval_batch_size == 2
+    assert config.checkpoint.every == 90
+    config.batch_size = 16
+    assert config.eval_batch_size == 2

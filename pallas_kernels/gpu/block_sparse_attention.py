@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from typing import Optional
 
 import jax
@@ -27,11 +26,6 @@ from sparsejax import block_math
 from sparsejax.block_mask import next_power_of_2
 from sparsejax.vjp import make_vjp
 
-# jax 0.11 deprecates the Triton lowering; silence that one warning here.
-warnings.filterwarnings("ignore", message=".*Triton.*deprecated.*",
-                        category=DeprecationWarning)
-warnings.filterwarnings("ignore", module="jax._src.pallas.*",
-                        category=DeprecationWarning)
 
 
 @dataclasses.dataclass(frozen=True)

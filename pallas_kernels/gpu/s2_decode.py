@@ -14,7 +14,6 @@ the plain-jnp twin of this algorithm and the entry point.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +23,6 @@ from jax.experimental.pallas import triton as pltriton
 from sparsejax import block_math
 from sparsejax.block_mask import next_power_of_2
 
-# jax 0.11 deprecates the Triton lowering; the same filters as
-# block_sparse_attention.py (they belong in one shared place).
-warnings.filterwarnings("ignore", message=".*Triton.*deprecated.*",
-                        category=DeprecationWarning)
-warnings.filterwarnings("ignore", module="jax._src.pallas.*",
-                        category=DeprecationWarning)
 
 
 def _kernel(cnt_ref, slot_ref, blk_ref, pos_ref, q_ref, k_ref, v_ref, o_ref,

@@ -36,6 +36,14 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def lm_features() -> tfds.features.FeaturesDict:
+  """Features of the LM-style tasks: inputs/targets (int32), loss_mask."""
+  seq = lambda dt: tfds.features.Tensor(shape=(None,), dtype=dt)
+  return tfds.features.FeaturesDict({
+      "inputs": seq(np.int32), "targets": seq(np.int32),
+      "loss_mask": seq(np.float32)})
+
+
 def config_name(params: dict[str, Any]) -> str:
   """A readable, deterministic BuilderConfig name for a parameter dict."""
   return "_".join(f"{k}{v}" for k, v in sorted(params.items()))

@@ -7,7 +7,6 @@ Token 0 is filler; keys come from [1, vocab/2), values from [vocab/2, vocab).
 """
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from sparsejax.data import builder_base
 
@@ -42,10 +41,7 @@ class SjMqar(builder_base.SyntheticBuilder):
                   num_train=20000, num_eval=1000, seed=0)
 
   def features(self):
-    seq = lambda dt: tfds.features.Tensor(shape=(None,), dtype=dt)
-    return tfds.features.FeaturesDict({
-        "inputs": seq(np.int32), "targets": seq(np.int32),
-        "loss_mask": seq(np.float32)})
+    return builder_base.lm_features()
 
   @staticmethod
   def make_example(rng, *, seq_len, **params):

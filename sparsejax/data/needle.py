@@ -13,7 +13,6 @@ Any length works (2K..32K and beyond): nothing is stored per length.
 """
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from sparsejax.data import builder_base
 
@@ -76,10 +75,7 @@ class SjNeedle(builder_base.SyntheticBuilder):
                   num_eval=1000, seed=0)
 
   def features(self):
-    seq = lambda dt: tfds.features.Tensor(shape=(None,), dtype=dt)
-    return tfds.features.FeaturesDict({
-        "inputs": seq(np.int32), "targets": seq(np.int32),
-        "loss_mask": seq(np.float32)})
+    return builder_base.lm_features()
 
   @staticmethod
   def make_example(rng, *, seq_len, **params):

@@ -50,6 +50,17 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def attention_config(name: str, options: dict) -> ml_collections.ConfigDict:
+  """The `attention` section: variant name and options, impl, soft-cap and
+  the per-layer schedule (see sparsejax.nn.attention_registry)."""
+  config = ml_collections.ConfigDict(dict(
+      name=name, impl="auto", options=options, dense_every_n=0, dense_first=0,
+      dense_last=0))
+  config.soft_cap = ml_collections.config_dict.placeholder(float)
+  config.layers = ml_collections.config_dict.placeholder(str)
+  return config
+
+
 def add_training_defaults(config: ml_collections.ConfigDict, *, optimizer: dict,
                           log_every: int, eval_steps: int) -> None:
   """Optimizer, logging, eval, checkpoint and mesh fields every experiment has.

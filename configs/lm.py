@@ -61,14 +61,11 @@ def get_config(arg=None):
     nb = config.seq_len // options["block_size"]
     options["pattern"] = [[j == 0 or i - 1 <= j <= i for j in range(nb)]
                           for i in range(nb)]
-  config.attention = ml_collections.ConfigDict(dict(
-      name=arg.attention, impl="auto", soft_cap=None, options=options,
-      dense_every_n=0, dense_first=0, dense_last=0, layers=None))
-  config.attention.soft_cap = ml_collections.config_dict.placeholder(float)
-  config.attention.layers = ml_collections.config_dict.placeholder(str)
+  config.attention = common.attention_config(arg.attention, options)
 
   common.add_training_defaults(
-      config, optimizer=dict(learning_rate=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      clip_norm=1.0, end_lr_factor=0.1),
+      config, optimizer=dict(
+          learning_rate=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+          clip_norm=1.0, end_lr_factor=0.1),
       log_every=5 if arg.small else 20, eval_steps=2 if arg.small else 8)
   return config

@@ -43,14 +43,11 @@ def get_config(arg=None):
     # Example pattern over 32x32 / patch 4 = 64 tokens (4 blocks): a band.
     options["pattern"] = [[abs(i - j) <= 1 for j in range(4)]
                           for i in range(4)]
-  config.attention = ml_collections.ConfigDict(dict(
-      name=arg.attention, impl="auto", options=options, dense_every_n=0,
-      dense_first=0, dense_last=0))
-  config.attention.soft_cap = ml_collections.config_dict.placeholder(float)
-  config.attention.layers = ml_collections.config_dict.placeholder(str)
+  config.attention = common.attention_config(arg.attention, options)
 
   common.add_training_defaults(
-      config, optimizer=dict(learning_rate=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
-      clip_norm=1.0, end_lr_factor=0.01),
+      config, optimizer=dict(
+          learning_rate=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
+          clip_norm=1.0, end_lr_factor=0.01),
       log_every=5 if arg.small else 50, eval_steps=2 if arg.small else 16)
   return config

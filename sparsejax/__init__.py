@@ -2,7 +2,6 @@
 
 from sparsejax import masks
 from sparsejax import mask_fns
-from sparsejax import implementations as _implementations
 from sparsejax.api import attention
 from sparsejax.block_mask import BlockMask
 from sparsejax.reference import attention_reference

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 
 from sparsejax import implementations
 from sparsejax import reference
-from sparsejax.block_mask import BlockMask, next_power_of_2
+from sparsejax.block_mask import BlockMask, broadcast_lists, next_power_of_2
 from sparsejax import masks as masks_lib
 from sparsejax.vjp import StaticConfig
 
@@ -105,9 +104,7 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
   qp = _pad_axis(_pad_axis(q, 1, lq_pad), 3, d_pad)
   kp = _pad_axis(_pad_axis(k, 1, lk_pad), 3, d_pad)
   vp = _pad_axis(_pad_axis(v, 1, lk_pad), 3, d_pad)
-  lists = {f: getattr(mask, f) for f in BlockMask._ARRAYS}  # pylint: disable=protected-access
-  lists = {f: jnp.broadcast_to(x, (b, h) + x.shape[2:])
-           for f, x in lists.items()}
+  lists = broadcast_lists(mask, b, h)
   cfg = StaticConfig(block_q=bq, block_kv=bk, q_len=lq, kv_len=lk,
                      mask_fn=mask.kernel_mask_fn, scale=scale, soft_cap=soft_cap,
                      interpret=interpret, tuning=tuning)

@@ -282,7 +282,3 @@ def broadcast_lists(mask: BlockMask, batch: int, heads: int) -> dict:
 
 def next_power_of_2(x: int) -> int:
   return 1 << max(0, int(x - 1).bit_length())
-
-
-def np_states(mask: BlockMask) -> np.ndarray:
-  return np.asarray(mask.block_states())

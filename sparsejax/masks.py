@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -123,27 +123,13 @@ def s2(seq_len: int, num_heads: int, *, block_size: int = 64,
   seq_len = _check_len(seq_len, "seq_len")
   num_heads = _check_len(num_heads, "num_heads")
   bs, _ = _check_block_size(block_size)
-  num_kv_heads = num_heads if num_kv_heads is None else _check_len(
-      num_kv_heads, "num_kv_heads")
-  if num_heads % num_kv_heads:
-    raise ValueError(f"num_heads ({num_heads}) must be divisible by "
-                     f"num_kv_heads ({num_kv_heads})")
-  if not isinstance(vert_stride, (int, np.integer)) or vert_stride < 1:
-    raise ValueError(f"vert_stride must be an int >= 1, got {vert_stride!r}")
+  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  step = check_s2_params(num_heads, block_size=bs, local_blocks=local_blocks,
+                         vert_stride=vert_stride, num_kv_heads=num_kv_heads,
+                         homo_head=homo_head, num_dense_heads=num_dense_heads,
+                         head_sliding_step=head_sliding_step, causal=causal)
   locals_ = local_blocks if isinstance(local_blocks, (tuple, list)) else (
       local_blocks,)
-  if causal and isinstance(local_blocks, (tuple, list)):
-    raise ValueError("local_blocks must be an int when causal=True, got "
-                     f"{local_blocks!r}")
-  if any(not isinstance(x, (int, np.integer)) or x < 1 for x in locals_):
-    raise ValueError(f"local_blocks must be >= 1, got {local_blocks!r}")
-  if not 0 <= num_dense_heads <= num_kv_heads:
-    raise ValueError(f"num_dense_heads must be in [0, num_kv_heads="
-                     f"{num_kv_heads}], got {num_dense_heads}")
-  if homo_head and num_dense_heads:
-    raise ValueError("homo_head=True cannot be combined with num_dense_heads")
-  step = (head_sliding_step if head_sliding_step is not None else
-          max(1, vert_stride // num_heads))
   group = num_heads // num_kv_heads
   fn = mask_fns.S2(bs, tuple(local_blocks) if len(locals_) > 1 else
                    int(local_blocks), int(vert_stride), int(step),
@@ -172,6 +158,35 @@ def s2(seq_len: int, num_heads: int, *, block_size: int = 64,
   if pattern_heads > 1 and group > 1:  # q heads of a group share the lists
     mask = jax.tree.map(lambda x: jnp.repeat(x, group, axis=1), mask)
   return mask
+
+
+def check_s2_params(num_heads: int, *, block_size, local_blocks, vert_stride,
+                    num_kv_heads, homo_head=False, num_dense_heads=0,
+                    head_sliding_step=None, causal=True) -> int:
+  """Validates S2 parameters (ValueError naming the contradiction) and returns
+  the per-head step: head_sliding_step or max(1, vert_stride // num_heads)."""
+  _check_block_size(block_size)
+  _check_len(num_kv_heads, "num_kv_heads")
+  if num_heads % num_kv_heads:
+    raise ValueError(f"num_heads ({num_heads}) must be divisible by "
+                     f"num_kv_heads ({num_kv_heads})")
+  if not isinstance(vert_stride, (int, np.integer)) or vert_stride < 1:
+    raise ValueError(f"vert_stride must be an int >= 1, got {vert_stride!r}")
+  pair = isinstance(local_blocks, (tuple, list))
+  if causal and pair:
+    raise ValueError("local_blocks must be an int when causal=True, got "
+                     f"{local_blocks!r}")
+  if any(not isinstance(x, (int, np.integer)) or x < 1
+         for x in (local_blocks if pair else (local_blocks,))):
+    raise ValueError(f"local_blocks must be >= 1, got {local_blocks!r}")
+  if not 0 <= num_dense_heads <= num_kv_heads:
+    raise ValueError(f"num_dense_heads must be in [0, num_kv_heads="
+                     f"{num_kv_heads}], got {num_dense_heads}")
+  if homo_head and num_dense_heads:
+    raise ValueError("homo_head=True cannot be combined with num_dense_heads")
+  if head_sliding_step is not None:
+    return int(head_sliding_step)
+  return max(1, vert_stride // num_heads)
 
 
 def s2_coverage(mask: BlockMask) -> dict:
@@ -299,4 +314,5 @@ def from_block_mask(blocks, *, block_size: BlockSize,
 
 
 __all__ = ["full", "causal", "sliding_window", "s2", "s2_coverage",
+           "check_s2_params",
            "from_mask_fn", "from_block_mask"]

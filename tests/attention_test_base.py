@@ -4,8 +4,6 @@ Each case checks output, lse and the gradients of q, k, v (with random
 cotangents for both the output and the lse) against the dense f32 reference.
 """
 
-import functools
-
 import hypothesis
 from hypothesis import strategies as st
 import jax

@@ -176,7 +176,7 @@ def forward(q, k, v, lists, cfg):
   nq = lq // bq
   validate_blocks(bq, cfg.block_kv, d)
   tuning = cfg.tuning or TuningConfig()
-  fi, pi = _pad_width(lists["full_idx"]), _pad_width(lists["partial_idx"])
+  fi, pi = lists["full_idx"], lists["partial_idx"]
   row = lambda i, hh, bb: (bb, hh, nq - 1 - i)
   in_specs = _list_specs(fi.shape[-1], pi.shape[-1], row) + [
       pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, nq - 1 - i, hh,
@@ -281,7 +281,7 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
                                    num_stages=tuning.num_stages_bwd)
   do = do.astype(q.dtype)
 
-  fi, pi = _pad_width(lists["full_idx"]), _pad_width(lists["partial_idx"])
+  fi, pi = lists["full_idx"], lists["partial_idx"]
   row = lambda i, hh, bb: (bb, hh, nq - 1 - i)
   q_blk = pl.BlockSpec((None, bq, None, d),
                        lambda i, hh, bb: (bb, nq - 1 - i, hh, 0))
@@ -302,7 +302,7 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   )(lists["full_counts"], fi, lists["partial_counts"], pi, q, k, v, do, lse,
     delta)
 
-  fit, pit = _pad_width(lists["full_idx_t"]), _pad_width(lists["partial_idx_t"])
+  fit, pit = lists["full_idx_t"], lists["partial_idx_t"]
   col = lambda j, hh, bb: (bb, hh, j)
   kv_blk = pl.BlockSpec((None, bk, None, d),
                         lambda j, hh, bb: (bb, j, hh // group, 0))
@@ -328,4 +328,12 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   return dq, dk, dv
 
 
-attention = make_vjp(forward, backward)
+_attention = make_vjp(forward, backward)
+
+
+def attention(q, k, v, lists, cfg):
+  """custom_vjp attention; index lists are padded to power-of-two widths
+  (Triton block shapes) once, here, for the forward and both backward
+  kernels."""
+  lists = {f: _pad_width(x) if "_idx" in f else x for f, x in lists.items()}
+  return _attention(q, k, v, lists, cfg)

@@ -16,7 +16,6 @@ import struct
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-import ml_collections
 from tensorboardX.proto import event_pb2
 
 from sparsejax.training import train
@@ -34,41 +33,20 @@ class Variant:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _reference_origins(config, prefix: str = "") -> dict[int, str]:
-  """{id(FieldReference): path of the first field holding it}, in order."""
-  origins = {}
-  for key, field in config._fields.items():  # pylint: disable=protected-access
-    path = f"{prefix}{key}"
-    if isinstance(field, ml_collections.ConfigDict):
-      for ref, origin in _reference_origins(field, f"{path}.").items():
-        origins.setdefault(ref, origin)
-    elif isinstance(field, ml_collections.FieldReference):
-      origins.setdefault(id(field), path)
-  return origins
-
-
 def apply_overrides(config, overrides: Mapping[str, Any]):
   """A copy of `config` with dotted-path overrides applied.
 
-  Derived fields (`eval_every = get_ref("num_train_steps")`) share one
-  FieldReference with their origin; a plain assignment to the derived field
-  would set the origin too (eval_every=45 would make num_train_steps 45).
-  So an override of a field that is not its reference's origin replaces
-  that field alone, and an override of the origin still flows to the fields
-  derived from it.
+  Derived fields (eval_every, decay_steps, ...) are their own references in
+  configs/common.py, so overriding one leaves num_train_steps alone, and an
+  override of num_train_steps still flows to the fields derived from it.
   """
   config = copy.deepcopy(config)
-  origins = _reference_origins(config)
   with config.unlocked():
     for path, value in overrides.items():
       *parents, leaf = path.split(".")
       node = config
       for p in parents:
         node = node[p]
-      field = node._fields.get(leaf)  # pylint: disable=protected-access
-      if (isinstance(field, ml_collections.FieldReference)
-          and origins.get(id(field)) != path):
-        del node[leaf]  # setting it would set the shared reference
       node[leaf] = value
   return config
 

@@ -24,7 +24,6 @@ import numpy as np
 from sparsejax import data
 from sparsejax import nn
 from sparsejax.data import needle as needle_data
-from sparsejax.training import checkpoints
 from sparsejax.training import train
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -110,17 +109,7 @@ def with_seq_len(config, seq_len: int, *, impl: Optional[str] = None):
 
 def load_params(config, workdir: str, *, step: Optional[int] = None):
   """The trained params of the run in workdir (latest or `step`)."""
-  exp = train.Experiment(config)
-  ckpt = checkpoints.Checkpointer(f"{workdir}/checkpoints", every=1,
-                                  keep=None)
-  template = jax.eval_shape(exp.init_state, exp.params)
-  template = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      template, exp.state_shardings)
-  state, _ = ckpt.restore(template, step=step)
-  ckpt.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  state, _ = train.restore_state(train.Experiment(config), workdir, step)
   return state["params"]
 
 

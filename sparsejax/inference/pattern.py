@@ -14,6 +14,7 @@ import dataclasses
 from typing import Optional
 
 from sparsejax import masks
+from sparsejax.masks import _check_len  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,27 +31,18 @@ class S2Pattern:
   homo_head: bool = False
 
   def __post_init__(self):
-    bs = self.block_size
-    if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
-      raise ValueError(f"block_size must be a power of two >= 16, got {bs}")
-    for name in ("local_blocks", "vert_stride", "num_heads", "num_kv_heads"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"{name} must be an int >= 1, got "
-                         f"{getattr(self, name)!r}")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be divisible by "
-                       f"num_kv_heads ({self.num_kv_heads})")
-    if not 0 <= self.num_dense_heads <= self.num_kv_heads:
-      raise ValueError(f"num_dense_heads must be in [0, {self.num_kv_heads}],"
-                       f" got {self.num_dense_heads}")
-    if self.homo_head and self.num_dense_heads:
-      raise ValueError("homo_head=True cannot be combined with num_dense_heads")
+    # The same checks (and step rule) as sj.masks.s2, from one place.
+    _check_len(self.num_heads, "num_heads")
+    object.__setattr__(self, "_step", masks.check_s2_params(
+        self.num_heads, block_size=self.block_size,
+        local_blocks=self.local_blocks, vert_stride=self.vert_stride,
+        num_kv_heads=self.num_kv_heads, homo_head=self.homo_head,
+        num_dense_heads=self.num_dense_heads,
+        head_sliding_step=self.head_sliding_step))
 
   @property
   def step(self) -> int:
-    if self.head_sliding_step is not None:
-      return self.head_sliding_step
-    return max(1, self.vert_stride // self.num_heads)
+    return self._step  # pylint: disable=no-member
 
   @property
   def group(self) -> int:

@@ -38,9 +38,16 @@ def build_layer_masks(num_layers: int, seq_len: int, num_heads: int,
       **options) for n in schedule]
 
 
-def _blocks(masks, *, d_model, num_heads, num_kv_heads, head_dim, mlp_dim,
-            attention, rope_theta, rngs, dtype):
-  return nnx.List([
+def _init_trunk(model, *, vocab_size, seq_len, d_model, num_layers, num_heads,
+                num_kv_heads, mlp_dim, attention, head_dim, rope_theta, dtype,
+                rngs, causal):
+  """Embedding, attention blocks and final norm shared by both models."""
+  head_dim = head_dim or d_model // num_heads
+  masks = build_layer_masks(num_layers, seq_len, num_heads, num_kv_heads,
+                            attention, causal=causal)
+  model.seq_len, model.dtype = seq_len, dtype
+  model.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
+  model.blocks = nnx.List([
       layers.Block(d_model, mlp_dim, rngs=rngs, dtype=dtype,
                    attention=layers.Attention(
                        d_model, num_heads, num_kv_heads, head_dim, mask=mask,
@@ -48,6 +55,16 @@ def _blocks(masks, *, d_model, num_heads, num_kv_heads, head_dim, mlp_dim,
                        soft_cap=attention.get("soft_cap"),
                        rope_theta=rope_theta, rngs=rngs, dtype=dtype))
       for mask in masks])
+  model.final_norm = layers.RMSNorm(d_model)
+
+
+def _run_trunk(model, tokens):
+  """tokens [B, L] -> normalised hidden states [B, L, d_model]."""
+  x = model.embed(tokens).astype(model.dtype)
+  positions = jnp.arange(tokens.shape[1])[None]
+  for block in model.blocks:
+    x = block(x, positions)
+  return model.final_norm(x)
 
 
 def flops_per_token(model) -> float:
@@ -67,25 +84,15 @@ class TransformerLM(nnx.Module):
                mlp_dim: int, attention: Mapping[str, Any],
                head_dim: Optional[int] = None, rope_theta: float = 10000.0,
                dtype=jnp.float32, rngs: nnx.Rngs):
-    head_dim = head_dim or d_model // num_heads
-    masks = build_layer_masks(num_layers, seq_len, num_heads, num_kv_heads,
-                              attention, causal=True)
-    self.seq_len = seq_len
-    self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
-    self.blocks = _blocks(
-        masks, d_model=d_model, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_dim=mlp_dim,
-        attention=attention, rope_theta=rope_theta, rngs=rngs, dtype=dtype)
-    self.final_norm = layers.RMSNorm(d_model)
+    _init_trunk(self, vocab_size=vocab_size, seq_len=seq_len,
+                d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+                num_kv_heads=num_kv_heads, mlp_dim=mlp_dim,
+                attention=attention, head_dim=head_dim,
+                rope_theta=rope_theta, dtype=dtype, rngs=rngs, causal=True)
     self.unembed = nnx.Linear(d_model, vocab_size, use_bias=False, rngs=rngs)
-    self.dtype = dtype
 
   def __call__(self, tokens):
-    x = self.embed(tokens).astype(self.dtype)
-    positions = jnp.arange(tokens.shape[1])[None]
-    for block in self.blocks:
-      x = block(x, positions)
-    x = self.final_norm(x)
+    x = _run_trunk(self, tokens)
     return (x @ self.unembed.kernel[...].astype(self.dtype)).astype(
         jnp.float32)
 
@@ -103,23 +110,14 @@ class SequenceClassifier(nnx.Module):
                num_kv_heads: int, mlp_dim: int, attention: Mapping[str, Any],
                head_dim: Optional[int] = None, rope_theta: float = 10000.0,
                dtype=jnp.float32, rngs: nnx.Rngs):
-    head_dim = head_dim or d_model // num_heads
-    masks = build_layer_masks(num_layers, seq_len, num_heads, num_kv_heads,
-                              attention, causal=False)
-    self.seq_len, self.dtype = seq_len, dtype
-    self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
-    self.blocks = _blocks(
-        masks, d_model=d_model, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_dim=mlp_dim,
-        attention=attention, rope_theta=rope_theta, rngs=rngs, dtype=dtype)
-    self.final_norm = layers.RMSNorm(d_model)
+    _init_trunk(self, vocab_size=vocab_size, seq_len=seq_len,
+                d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+                num_kv_heads=num_kv_heads, mlp_dim=mlp_dim,
+                attention=attention, head_dim=head_dim,
+                rope_theta=rope_theta, dtype=dtype, rngs=rngs, causal=False)
     self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
 
   def __call__(self, tokens):
-    x = self.embed(tokens).astype(self.dtype)
-    positions = jnp.arange(tokens.shape[1])[None]
-    for block in self.blocks:
-      x = block(x, positions)
-    return self.head(self.final_norm(x).mean(1).astype(jnp.float32))
+    return self.head(_run_trunk(self, tokens).mean(1).astype(jnp.float32))
 
   flops_per_token = flops_per_token

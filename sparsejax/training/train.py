@@ -184,10 +184,10 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
   return dict(eval=eval_metrics, history=history, step=step)
 
 
-def evaluate(config, workdir: str, *, step: Optional[int] = None,
-             devices=None) -> dict[str, float]:
-  """Eval metrics of the checkpoint at `step` (default: latest) in workdir."""
-  exp = Experiment(config, devices)
+def restore_state(exp: "Experiment", workdir: str,
+                  step: Optional[int] = None):
+  """(state, step) of the checkpoint at `step` (default: latest) in workdir,
+  placed with the experiment's shardings; FileNotFoundError if none."""
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   every=1, keep=None)
   template = jax.eval_shape(exp.init_state, exp.params)
@@ -198,4 +198,12 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None,
   ckpt.close()
   if state is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  return state, step
+
+
+def evaluate(config, workdir: str, *, step: Optional[int] = None,
+             devices=None) -> dict[str, float]:
+  """Eval metrics of the checkpoint at `step` (default: latest) in workdir."""
+  exp = Experiment(config, devices)
+  state, step = restore_state(exp, workdir, step)
   return dict(step=step, **exp.evaluate(state["params"]))

@@ -28,6 +28,14 @@ case $part in
       --repeats=5 --out_dir="$out/exp2" 2>&1 | grep -v Warn | tee "$out/exp2.log"
     timeout 250 python3 -m experiments.bench_decode --lengths=32768,131072 \
       --impls=cudnn,pallas_triton --out="$out/decode.json" 2>&1 | grep -v Warn | tee "$out/decode.log" ;;
+  mosaic-verify)  # the Mosaic GPU kernel: one smoke call, its GPU tests, a first timing
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv
+    timeout 150 python3 -m experiments.check_gpu_shapes --impl=pallas_mosaic_gpu 2>&1 | grep -v Warn | tee "$out/mosaic_smoke.log" | tail -40
+    timeout 240 python3 -m pytest tests/test_mosaic_gpu.py -k TestMosaicGpu -q -p no:cacheprovider \
+      2>&1 | grep -v Warn | tee "$out/mosaic_gpu_tests.log" | tail -40
+    timeout 200 python3 -m experiments.bench_attention --lengths=16384,32768 \
+      --impls=pallas_mosaic_gpu,pallas_triton,cudnn --warmup=2 --repeats=5 \
+      --out_dir="$out/mosaic" 2>&1 | grep -v Warn | tee "$out/mosaic_bench.log" | tail -30 ;;
   train)
     common="--config.model.d_model=768 --config.model.num_layers=12 --config.model.num_heads=12
       --config.model.num_kv_heads=4 --config.seq_len=8192 --config.batch_size=4

@@ -89,16 +89,18 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
     if soft_cap <= 0:
       raise ValueError(f"soft_cap must be positive, got {soft_cap}")
     soft_cap = float(soft_cap)
-  implementation = implementations.resolve(impl, interpret)
-  if implementation.dense:
-    out, lse = reference.attention_reference(q, k, v, mask, scale=scale,
-                                             soft_cap=soft_cap)
-    return (out, lse) if return_lse else out
-
+  user_mask = mask
   if mask is None:
     mask = masks_lib.full(lq, lk, block_size=(min(128, next_power_of_2(max(
         lq, 16))), min(128, next_power_of_2(max(lk, 16)))))
   bq, bk = mask.block_q, mask.block_kv
+  implementation = implementations.resolve(impl, interpret,
+                                           problem=(q.dtype, d, bq, bk))
+  if implementation.dense:
+    out, lse = reference.attention_reference(q, k, v, user_mask, scale=scale,
+                                             soft_cap=soft_cap)
+    return (out, lse) if return_lse else out
+
   lq_pad, lk_pad = mask.num_q_blocks * bq, mask.num_kv_blocks * bk
   d_pad = next_power_of_2(d) if implementation.pad_head_dim_pow2 else d
   qp = _pad_axis(_pad_axis(q, 1, lq_pad), 3, d_pad)

@@ -126,7 +126,9 @@ def contenders(names: List[str], tuning=None) -> List[Contender]:
     if n in table:
       out.append(Contender(n, table[n]))
     else:
-      out.append(Contender(f"sparsejax:{n}", _sparsejax(n, tuning)))
+      # --triton_tuning settings are the Triton kernel's; others use defaults.
+      out.append(Contender(f"sparsejax:{n}", _sparsejax(
+          n, tuning if n == "pallas_triton" else None)))
   return out
 
 

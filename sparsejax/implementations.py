@@ -23,6 +23,9 @@ class Implementation:
   load: Callable[[], AttentionFn]  # lazy: kernels import only when used
   # (platform, device_kind) -> None if usable, else the reason it is not.
   unavailable: Callable[[str, str], Optional[str]] = lambda p, k: None
+  # (dtype, head_dim, block_q, block_kv) -> None if it can run the problem,
+  # else why not ("auto" then moves on to the next candidate).
+  unsupported: Callable[..., Optional[str]] = lambda *problem: None
   supports_interpret: bool = False
   pad_head_dim_pow2: bool = False  # Triton needs power-of-two array sizes
   dense: bool = False  # needs no block padding (the dense reference)
@@ -58,15 +61,26 @@ def _platform() -> Tuple[str, str]:
   return dev.platform, getattr(dev, "device_kind", "")
 
 
-def resolve(name: str, interpret: bool) -> Implementation:
-  """The implementation to run for `name`, resolving "auto"."""
+def resolve(name: str, interpret: bool,
+            problem: Optional[Tuple] = None) -> Implementation:
+  """The implementation to run for `name`, resolving "auto".
+
+  problem: (dtype, head_dim, block_q, block_kv) of the call, checked against
+  each candidate's `unsupported`.
+  """
+  def why_not(impl, platform, kind):
+    reason = None if interpret else impl.unavailable(platform, kind)
+    if reason is None and problem is not None:
+      reason = impl.unsupported(*problem)
+    return reason
+
   if name != "auto":
     impl = get(name)
     if interpret and not impl.supports_interpret:
       raise ValueError(f"interpret=True needs a Pallas implementation; "
                        f"impl={name!r} has no interpret mode")
     platform, kind = _platform()
-    reason = None if interpret else impl.unavailable(platform, kind)
+    reason = why_not(impl, platform, kind)
     if reason is not None:
       raise ValueError(f"impl={name!r} cannot run here: {reason}")
     return impl
@@ -77,10 +91,10 @@ def resolve(name: str, interpret: bool) -> Implementation:
     if impl is None:
       skipped.append(f"{candidate}: not built")
       continue
-    reason = impl.unavailable(platform, kind)
+    reason = why_not(impl, platform, kind)
     if reason is None:
-      if skipped and (platform, candidate) not in _WARNED:
-        _WARNED.add((platform, candidate))
+      if skipped and (platform, candidate, tuple(skipped)) not in _WARNED:
+        _WARNED.add((platform, candidate, tuple(skipped)))
         logging.info("sparsejax impl='auto' picked %r on %s (%s)", candidate,
                      platform, "; ".join(skipped))
       return impl

@@ -25,6 +25,29 @@ register(Implementation("pallas_triton", load=_load_triton,
                         pad_head_dim_pow2=True))
 
 
+def _load_mosaic_gpu():
+  from pallas_kernels.mosaic_gpu import block_sparse_attention  # pylint: disable=g-import-not-at-top
+  return block_sparse_attention.attention
+
+
+def _needs_hopper(platform, kind):
+  reason = _needs_cuda(platform, kind)
+  if reason is None and not any(h in kind for h in ("H100", "H200", "H800",
+                                                     "H20", "GH200")):
+    reason = f"needs a Hopper (sm90) GPU, found {kind!r}"
+  return reason
+
+
+def _mosaic_gpu_unsupported(*problem):
+  from pallas_kernels.mosaic_gpu import block_sparse_attention  # pylint: disable=g-import-not-at-top
+  return block_sparse_attention.unsupported(*problem)
+
+
+register(Implementation("pallas_mosaic_gpu", load=_load_mosaic_gpu,
+                        unavailable=_needs_hopper,
+                        unsupported=_mosaic_gpu_unsupported))
+
+
 def _load_tpu():
   from pallas_kernels.tpu import block_sparse_attention  # pylint: disable=g-import-not-at-top
   return block_sparse_attention.attention

@@ -36,6 +36,13 @@ case $part in
     timeout 200 python3 -m experiments.bench_attention --lengths=16384,32768 \
       --impls=pallas_mosaic_gpu,pallas_triton,cudnn --warmup=2 --repeats=5 \
       --out_dir="$out/mosaic" 2>&1 | grep -v Warn | tee "$out/mosaic_bench.log" | tail -30 ;;
+  mosaic-tests)  # the GPU test module (parallel compiles) and a tuning sweep
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    par=""; python3 -c "import xdist" 2>/dev/null && par="-n 6"
+    timeout 330 python3 -m pytest tests/test_mosaic_gpu.py -k TestMosaicGpu $par -q -p no:cacheprovider \
+      2>&1 | grep -v Warn | tee "$out/mosaic_gpu_tests.log" | tail -30
+    timeout 250 python3 -m experiments.tune_mosaic_gpu --case=s2 --seq=32768 --out="$out/tune_mosaic_s2_32k.json" \
+      2>&1 | grep -v Warn | tee "$out/tune_mosaic.log" | tail -20 ;;
   train)
     common="--config.model.d_model=768 --config.model.num_layers=12 --config.model.num_heads=12
       --config.model.num_kv_heads=4 --config.seq_len=8192 --config.batch_size=4

@@ -256,13 +256,13 @@ def parse_tuning(text: str):
 
 
 def tune(case, seq, configs, *, heads, head_dim, dtype, case_kw, warmup=2,
-         repeats=5, log=print):
-  """Times pallas_triton over TuningConfigs; returns rows sorted by fwd+bwd."""
+         repeats=5, log=print, impl="pallas_triton"):
+  """Times `impl` over its TuningConfigs; returns rows sorted by fwd+bwd."""
   q, k, v, do = random_inputs(1, seq, heads, heads, head_dim, dtype)
   mask = CASES[case](seq, heads, **case_kw)
   rows = []
   for cfg in configs:
-    fwd, fwdbwd = fwd_and_fwdbwd(_sparsejax("pallas_triton", cfg)(case, mask))
+    fwd, fwdbwd = fwd_and_fwdbwd(_sparsejax(impl, cfg)(case, mask))
     row = {"tuning": dataclasses.asdict(cfg)}
     try:
       row["fwd_ms"] = median_ms(fwd, (q, k, v), warmup, repeats)

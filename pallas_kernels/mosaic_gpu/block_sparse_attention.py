@@ -167,9 +167,18 @@ def _filled(shape, value, layout):
   return plgpu.layout_cast(jnp.full(shape, value, jnp.float32), layout)
 
 
-def _grid_ids():
-  return (lax.axis_index("batch"), lax.axis_index("heads"),
-          lax.axis_index("rows"), lax.axis_index("wg"))
+def _grid_ids(heavy_last: bool):
+  """(batch, head, row tile, warpgroup) of this CTA and thread.
+
+  With causal-like masks the last q rows have the longest lists; when
+  `heavy_last`, CTAs take row tiles from the end so the long ones start first
+  and the short ones fill the tail.
+  """
+  c = lax.axis_index("rows")
+  if heavy_last:
+    c = lax.axis_size("rows") - 1 - c
+  return (lax.axis_index("batch"), lax.axis_index("heads"), c,
+          lax.axis_index("wg"))
 
 
 def _kernel(body, out_type, scratch, *, grid, wgs):
@@ -204,7 +213,7 @@ def _memory_loop(n_steps, depth, issue, used_barriers):
 def _fwd_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
               smem, ready, used, sched, *, cfg, walk_block, tile, depth, wgs,
               group, head_dim):
-  b, h, c, wg = _grid_ids()
+  b, h, c, wg = _grid_ids(heavy_last=True)
   q_smem2, k_smem, v_smem, lse_smem2 = smem
   k_ready, v_ready, q_ready = ready
   k_used, v_used = used
@@ -346,7 +355,7 @@ def forward(q, k, v, lists, cfg):
 def _dq_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, dq_ref, smem, ready, used, *, cfg, tile, depth, wgs,
              group, head_dim):
-  b, h, c, wg = _grid_ids()
+  b, h, c, wg = _grid_ids(heavy_last=True)
   q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smem
   q_ready, k_ready, v_ready = ready
   walk = _Walk(idx_ref, nf_ref, np_ref, cfg.block_kv, tile)
@@ -436,7 +445,7 @@ def _dq_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 def _dkv_body(nf_ref, np_ref, idx_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
               delta_ref, dk_ref, dv_ref, smem, ready, used, *, cfg, tile, depth,
               wgs, group, head_dim):
-  b, h, c, wg = _grid_ids()
+  b, h, c, wg = _grid_ids(heavy_last=False)
   k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smem
   kv_ready, q_ready, do_ready, lse_ready, delta_ready = ready
   walk = _Walk(idx_ref, nf_ref, np_ref, cfg.block_q, tile)

@@ -43,6 +43,16 @@ case $part in
       2>&1 | grep -v Warn | tee "$out/mosaic_gpu_tests.log" | tail -30
     timeout 250 python3 -m experiments.tune_mosaic_gpu --case=s2 --seq=32768 --out="$out/tune_mosaic_s2_32k.json" \
       2>&1 | grep -v Warn | tee "$out/tune_mosaic.log" | tail -20 ;;
+  mosaic-final)  # Mosaic GPU vs Triton vs cuDNN vs FlexAttention, one session
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv
+    timeout 100 python3 -m pytest tests/test_mosaic_gpu.py -k "TestMosaicGpu and tunings" -q -p no:cacheprovider \
+      2>&1 | grep -v Warn | tee "$out/mosaic_gpu_tests_tunings.log" | tail -3
+    timeout 150 python3 .peer/peer_baselines.py --seq 16384 32768 131072 --out "$out/peers.json" 2>&1 \
+      | grep -v Warn | tee "$out/peers.log" | tail -3
+    timeout 330 python3 -m experiments.bench_attention --lengths=16384,32768,131072 \
+      --impls=pallas_mosaic_gpu,pallas_triton,cudnn --warmup=2 --repeats=5 --peers="$out/peers.json" \
+      --out_dir="$out/final" 2>&1 | grep -v Warn | tee "$out/final.log" | tail -40 ;;
   train)
     common="--config.model.d_model=768 --config.model.num_layers=12 --config.model.num_heads=12
       --config.model.num_kv_heads=4 --config.seq_len=8192 --config.batch_size=4

@@ -192,8 +192,9 @@ class TestMosaicGpu:
 
   @pytest.mark.parametrize("tuning", [
       dict(compute_wgs_fwd=1, compute_wgs_bwd=1),
-      dict(tile_kv_fwd=64, tile_kv_dq=128, tile_q_dkv=128,
+      dict(tile_kv_fwd=64, tile_kv_dq=64, tile_q_dkv=64,
            max_concurrent_steps=3),
+      dict(tile_kv_dq=128, tile_q_dkv=128),
       dict(use_schedule_barrier=False)])
   def test_tunings_match_reference(self, tuning):
     from pallas_kernels.mosaic_gpu.block_sparse_attention import TuningConfig

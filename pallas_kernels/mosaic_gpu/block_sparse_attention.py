@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Optional
 
 import jax
@@ -45,7 +46,7 @@ class TuningConfig:
   memory at the given head_dim.
   """
   tile_kv_fwd: Optional[int] = None  # 128, or 64 at head_dim 256
-  tile_kv_dq: Optional[int] = None   # 64
+  tile_kv_dq: Optional[int] = None   # 128, or 64 at head_dim 256
   tile_q_dkv: Optional[int] = None   # 64
   max_concurrent_steps: int = 2
   compute_wgs_fwd: Optional[int] = None  # 2 (ping-pong) when the block allows
@@ -66,8 +67,8 @@ class TuningConfig:
 
   def tile(self, name: str, head_dim: int, block: int) -> int:
     t = getattr(self, name)
-    if t is None:
-      t = 128 if name == "tile_kv_fwd" and head_dim <= 128 else 64
+    if t is None:  # from the sweep in benchmarks/attention/MOSAIC_NOTES.md
+      t = 128 if name != "tile_q_dkv" and head_dim <= 128 else 64
       t = min(t, block)
     if block % t:
       raise ValueError(f"{name}={t} must divide the mask block ({block})")
@@ -100,6 +101,18 @@ def unsupported(dtype, head_dim: int, block_q: int, block_kv: int
 # --- shared pieces -----------------------------------------------------------
 
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _load_row_vector(ref, layout):
+  """A [rows] f32 vector from SMEM in a wgmma row/column layout."""
+  if _LOAD_TAKES_IDX:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
+# jax 0.10 requires load's idx argument; 0.11 deprecates it.
+_LOAD_TAKES_IDX = (inspect.signature(plgpu.load).parameters["idx"].default
+                   is inspect.Parameter.empty)
 
 
 def _tile_smem(n, rows, d, dtype):
@@ -379,8 +392,8 @@ def _dq_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     plgpu.barrier_wait(bar)
     plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem, bar)
     plgpu.barrier_wait(bar)
-    lse = plgpu.load(lse_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
-    delta = plgpu.load(delta_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
+    lse = _load_row_vector(lse_smem, plgpu.Layout.WGMMA.reduce(1))
+    delta = _load_row_vector(delta_smem, plgpu.Layout.WGMMA.reduce(1))
     dq = _filled((ROWS, head_dim), 0.0, plgpu.Layout.WGMMA)
 
     def step(t, dq, masked):
@@ -484,8 +497,7 @@ def _dkv_body(nf_ref, np_ref, idx_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
       if vis is not None:
         s = jnp.where(vis, s, -jnp.inf)
       plgpu.barrier_wait(lse_ready.at[slot])
-      lse = plgpu.load(lse_smem.at[slot], (),
-                       layout=plgpu.Layout.WGMMA.reduce(0))
+      lse = _load_row_vector(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
       plgpu.barrier_wait(do_ready.at[slot])
       zero_tile = _filled((ROWS, tile), 0.0, plgpu.Layout.WGMMA)
@@ -498,8 +510,7 @@ def _dkv_body(nf_ref, np_ref, idx_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
 
       dv, dp = _accumulate(pdo_vdo, (dv, zero_tile))
       plgpu.barrier_wait(delta_ready.at[slot])
-      delta = plgpu.load(delta_smem.at[slot], (),
-                         layout=plgpu.Layout.WGMMA.reduce(0))
+      delta = _load_row_vector(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [1]))
       if th is not None:
         ds = ds * (1.0 - th * th)

@@ -43,12 +43,20 @@ case $part in
       2>&1 | grep -v Warn | tee "$out/mosaic_gpu_tests.log" | tail -30
     timeout 250 python3 -m experiments.tune_mosaic_gpu --case=s2 --seq=32768 --out="$out/tune_mosaic_s2_32k.json" \
       2>&1 | grep -v Warn | tee "$out/tune_mosaic.log" | tail -20 ;;
+  mosaic-check)  # after a kernel change: the GPU test module and a quick timing
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    par=""; python3 -c "import xdist" 2>/dev/null && par="-n 6"
+    timeout 330 python3 -m pytest tests/test_mosaic_gpu.py -k TestMosaicGpu $par -q -p no:cacheprovider \
+      2>&1 | grep -v Warn | tee "$out/mosaic_gpu_tests.log" | tail -8
+    timeout 200 python3 -m experiments.bench_attention --lengths=32768 --cases=s2,sliding_window \
+      --impls=pallas_mosaic_gpu,cudnn --warmup=2 --repeats=7 \
+      --out_dir="$out/quick" 2>&1 | grep -v Warn | tee "$out/quick.log" | tail -12 ;;
   mosaic-final)  # Mosaic GPU vs Triton vs cuDNN vs FlexAttention, one session
     export XLA_PYTHON_CLIENT_PREALLOCATE=false
     nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv
     timeout 100 python3 -m pytest tests/test_mosaic_gpu.py -k "TestMosaicGpu and tunings" -q -p no:cacheprovider \
       2>&1 | grep -v Warn | tee "$out/mosaic_gpu_tests_tunings.log" | tail -3
-    timeout 150 python3 .peer/peer_baselines.py --seq 16384 32768 131072 --out "$out/peers.json" 2>&1 \
+    timeout 220 python3 .peer/peer_baselines.py --seq 32768 131072 --out "$out/peers.json" 2>&1 \
       | grep -v Warn | tee "$out/peers.log" | tail -3
     timeout 330 python3 -m experiments.bench_attention --lengths=16384,32768,131072 \
       --impls=pallas_mosaic_gpu,pallas_triton,cudnn --warmup=2 --repeats=5 --peers="$out/peers.json" \

@@ -399,27 +399,24 @@ def _dq_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     def step(t, dq, masked):
       slot = lax.rem(t, jnp.int32(depth))
       plgpu.barrier_wait(k_ready.at[slot])
+      plgpu.barrier_wait(v_ready.at[slot])
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot],
+      def scores_and_dp(s_ref, dp_ref):  # one wgmma group: one wait
+        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot],
+                                                       (1, 0)))
+        plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot],
                                                          (1, 0)))
-        return acc_ref[...]
+        return s_ref[...], dp_ref[...]
 
-      s = pl.run_scoped(qk, plgpu.ACC((ROWS, tile), jnp.float32))
+      s, dp = pl.run_scoped(scores_and_dp,
+                            plgpu.ACC((ROWS, tile), jnp.float32),
+                            plgpu.ACC((ROWS, tile), jnp.float32))
       s, th = _logits(s, cfg)
       vis = _visible(cfg, b, h, q_base, walk.start(b, h, row, t),
                      (ROWS, tile), 0, masked)
       if vis is not None:
         s = jnp.where(vis, s, -jnp.inf)
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-      plgpu.barrier_wait(v_ready.at[slot])
-
-      def dov(acc_ref):
-        plgpu.wgmma(acc_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot],
-                                                          (1, 0)))
-        return acc_ref[...]
-
-      dp = pl.run_scoped(dov, plgpu.ACC((ROWS, tile), jnp.float32))
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
       if th is not None:
         ds = ds * (1.0 - th * th)
@@ -483,43 +480,38 @@ def _dkv_body(nf_ref, np_ref, idx_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
     def step(t, carry, masked):
       dk, dv = carry
       slot = lax.rem(t, jnp.int32(depth))
-      plgpu.barrier_wait(q_ready.at[slot])
+      for ready_bar in (q_ready, lse_ready, do_ready, delta_ready):
+        plgpu.barrier_wait(ready_bar.at[slot])
 
-      def kq(acc_ref):
-        plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot],
-                                                         (1, 0)))
-        return acc_ref[...]
+      def scores_and_dp(s_ref, dp_ref):  # [kv, q] tiles, one wgmma group
+        plgpu.wgmma(s_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot],
+                                                       (1, 0)))
+        plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot],
+                                                        (1, 0)))
+        return s_ref[...], dp_ref[...]
 
-      s = pl.run_scoped(kq, plgpu.ACC((ROWS, tile), jnp.float32))  # [kv, q]
+      s, dp = pl.run_scoped(scores_and_dp,
+                            plgpu.ACC((ROWS, tile), jnp.float32),
+                            plgpu.ACC((ROWS, tile), jnp.float32))
       s, th = _logits(s, cfg)
       vis = _visible(cfg, b, h, walk.start(b, h, col, t), kv_base,
                      (ROWS, tile), 1, masked)
       if vis is not None:
         s = jnp.where(vis, s, -jnp.inf)
-      plgpu.barrier_wait(lse_ready.at[slot])
-      lse = _load_row_vector(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+      row_vec = functools.partial(_load_row_vector,
+                                  layout=plgpu.Layout.WGMMA.reduce(0))
+      lse, delta = row_vec(lse_smem.at[slot]), row_vec(delta_smem.at[slot])
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
-      plgpu.barrier_wait(do_ready.at[slot])
-      zero_tile = _filled((ROWS, tile), 0.0, plgpu.Layout.WGMMA)
-
-      def pdo_vdo(refs):  # one wgmma group: dV += p^T dO and dP^T = V dO^T
-        dv_ref, dp_ref = refs
-        plgpu.wgmma(dv_ref, p.astype(dtype), do_smem.at[slot])
-        plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot],
-                                                        (1, 0)))
-
-      dv, dp = _accumulate(pdo_vdo, (dv, zero_tile))
-      plgpu.barrier_wait(delta_ready.at[slot])
-      delta = _load_row_vector(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [1]))
       if th is not None:
         ds = ds * (1.0 - th * th)
       ds = ds * cfg.scale
 
-      def dsq(refs):
-        plgpu.wgmma(refs[0], ds.astype(dtype), q_smem.at[slot])
+      def dv_and_dk(refs):  # dV += p^T dO, dK += dS^T Q: one wgmma group
+        plgpu.wgmma(refs[0], p.astype(dtype), do_smem.at[slot])
+        plgpu.wgmma(refs[1], ds.astype(dtype), q_smem.at[slot])
 
-      dk, = _accumulate(dsq, (dk,))
+      dv, dk = _accumulate(dv_and_dk, (dv, dk))
       plgpu.barrier_arrive(used.at[slot])
       return dk, dv
 

@@ -67,7 +67,7 @@ class TuningConfig:
 
   def tile(self, name: str, head_dim: int, block: int) -> int:
     t = getattr(self, name)
-    if t is None:  # from the sweep in benchmarks/attention/MOSAIC_NOTES.md
+    if t is None:  # from the sweep in benchmarks/attention/mosaic/NOTES.md
       t = 128 if name != "tile_q_dkv" and head_dim <= 128 else 64
       t = min(t, block)
     if block % t:

@@ -41,7 +41,7 @@ case $part in
     par=""; python3 -c "import xdist" 2>/dev/null && par="-n 6"
     timeout 330 python3 -m pytest tests/test_mosaic_gpu.py -k TestMosaicGpu $par -q -p no:cacheprovider \
       2>&1 | grep -v Warn | tee "$out/mosaic_gpu_tests.log" | tail -30
-    timeout 250 python3 -m experiments.tune_mosaic_gpu --case=s2 --seq=32768 --out="$out/tune_mosaic_s2_32k.json" \
+    timeout 250 python3 -m experiments.tune_kernel --impl=pallas_mosaic_gpu --case=s2 --seq=32768 --out="$out/tune_mosaic_s2_32k.json" \
       2>&1 | grep -v Warn | tee "$out/tune_mosaic.log" | tail -20 ;;
   mosaic-check)  # after a kernel change: the GPU test module and a quick timing
     export XLA_PYTHON_CLIENT_PREALLOCATE=false

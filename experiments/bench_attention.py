@@ -42,7 +42,7 @@ _TUNING = flags.DEFINE_string(
     "triton_tuning", "", "TuningConfig fields for pallas_triton, e.g. "
     "'num_warps_fwd=8,num_stages_fwd=3,sub_q_dkv=32'")
 _TUNING_JSON = flags.DEFINE_string(
-    "triton_tuning_json", "", "read --triton_tuning from tune_triton's JSON")
+    "triton_tuning_json", "", "read --triton_tuning from tune_kernel's JSON")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "where to write JSON + plot")
 _PEERS = flags.DEFINE_string("peers", "", "peer_baselines.py JSON to plot")
 

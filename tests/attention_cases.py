@@ -30,11 +30,11 @@ class Case:
   soft_cap: Optional[float] = None
 
 
-def _empty_row_blocks():
+def empty_row_blocks(block=32, length=120):
   # Block row 1 lists nothing at all; the others are causal-ish.
   blocks = jnp.tril(jnp.ones((4, 4), bool)).at[1].set(False)
-  return sj.masks.from_block_mask(blocks, block_size=32, q_len=120,
-                                  kv_len=120, mask_fn=sj.mask_fns.Causal())
+  return sj.masks.from_block_mask(blocks, block_size=block, q_len=length,
+                                  kv_len=length, mask_fn=sj.mask_fns.Causal())
 
 
 CASES = [
@@ -52,7 +52,7 @@ CASES = [
                                        num_heads=2, block_size=32)),
     Case("fully_masked_rows", 1, 120, 120, 2, 1, 32,
          lambda: sj.masks.from_mask_fn(RowsOff(), q_len=120, block_size=32)),
-    Case("empty_block_row", 1, 120, 120, 2, 2, 32, _empty_row_blocks),
+    Case("empty_block_row", 1, 120, 120, 2, 2, 32, empty_row_blocks),
     Case("and_or_combination", 1, 128, 128, 2, 2, 32,
          lambda: (sj.masks.sliding_window(128, 20, block_size=32)
                   | sj.masks.s2(128, 2, block_size=32, local_blocks=1,

@@ -62,6 +62,30 @@ def check_case(impl_kw, case: Case, dtype, seed=0):
   return got, mask
 
 
+def draw_random_block_case(data, block_sizes, head_dim):
+  """A Hypothesis-drawn random block pattern, ragged lengths, GQA and element
+  mask (none, random or causal with an offset); returns (case, seed)."""
+  nq = data.draw(st.integers(1, 4), label="nq")
+  nk = data.draw(st.integers(1, 4), label="nk")
+  bs = data.draw(st.sampled_from(block_sizes), label="block")
+  q_len = data.draw(st.integers((nq - 1) * bs + 1, nq * bs), label="q_len")
+  kv_len = data.draw(st.integers((nk - 1) * bs + 1, nk * bs), label="kv_len")
+  kv_heads = data.draw(st.sampled_from([1, 2]), label="kv_heads")
+  heads = kv_heads * data.draw(st.sampled_from([1, 2]), label="group")
+  bits = data.draw(st.lists(st.booleans(), min_size=heads * nq * nk,
+                            max_size=heads * nq * nk), label="blocks")
+  blocks = np.array(bits).reshape(1, heads, nq, nk)
+  seed = data.draw(st.integers(0, 50), label="seed")
+  fn = data.draw(st.sampled_from(
+      [None, sj.mask_fns.HashedRandom(seed, 1, 2),
+       sj.mask_fns.Causal(data.draw(st.integers(-8, 8), label="offset"))]),
+                 label="mask_fn")
+  mask = sj.masks.from_block_mask(blocks, block_size=bs, q_len=q_len,
+                                  kv_len=kv_len, mask_fn=fn)
+  return Case("random", 1, q_len, kv_len, heads, kv_heads, head_dim,
+              lambda: mask), seed
+
+
 class AttentionSuite:
   """Subclass with IMPL (and INTERPRET) set to run the suite."""
   IMPL: str = ""
@@ -112,22 +136,6 @@ class AttentionSuite:
 
   @hypothesis.given(st.data())
   def test_random_block_patterns(self, data):
-    nq = data.draw(st.integers(1, 4), label="nq")
-    nk = data.draw(st.integers(1, 4), label="nk")
-    bs = data.draw(st.sampled_from([16, 32]), label="block")
-    q_len = data.draw(st.integers((nq - 1) * bs + 1, nq * bs), label="q_len")
-    kv_len = data.draw(st.integers((nk - 1) * bs + 1, nk * bs), label="kv_len")
-    kv_heads = data.draw(st.sampled_from([1, 2]), label="kv_heads")
-    heads = kv_heads * data.draw(st.sampled_from([1, 2]), label="group")
-    bits = data.draw(st.lists(st.booleans(), min_size=heads * nq * nk,
-                              max_size=heads * nq * nk), label="blocks")
-    blocks = np.array(bits).reshape(1, heads, nq, nk)
-    seed = data.draw(st.integers(0, 50), label="seed")
-    fn = data.draw(st.sampled_from(
-        [None, sj.mask_fns.HashedRandom(seed, 1, 2),
-         sj.mask_fns.Causal(data.draw(st.integers(-8, 8), label="offset"))]),
-                   label="mask_fn")
-    mask = sj.masks.from_block_mask(blocks, block_size=bs, q_len=q_len,
-                                    kv_len=kv_len, mask_fn=fn)
-    case = Case("random", 1, q_len, kv_len, heads, kv_heads, 16, lambda: mask)
+    case, seed = draw_random_block_case(data, block_sizes=(16, 32),
+                                        head_dim=16)
     check_case(self.kw, case, jnp.float32, seed=seed)

@@ -21,17 +21,11 @@ import pytest
 
 import sparsejax as sj
 from sparsejax import implementations
-from tests.attention_cases import Case, RowsOff
-from tests.attention_test_base import check_case
+from tests.attention_cases import Case, RowsOff, empty_row_blocks
+from tests.attention_test_base import check_case, draw_random_block_case
 from tests.conftest import has_gpu
 
 H200 = ("gpu", "NVIDIA H200")
-
-
-def _empty_row_blocks():
-  blocks = jnp.tril(jnp.ones((4, 4), bool)).at[1].set(False)
-  return sj.masks.from_block_mask(blocks, block_size=64, q_len=250,
-                                  kv_len=250, mask_fn=sj.mask_fns.Causal())
 
 
 CASES = [
@@ -54,7 +48,8 @@ CASES = [
                                        num_heads=2, block_size=64)),
     Case("fully_masked_rows", 1, 250, 250, 2, 1, 128,
          lambda: sj.masks.from_mask_fn(RowsOff(), q_len=250, block_size=128)),
-    Case("empty_block_row", 1, 250, 250, 2, 2, 64, _empty_row_blocks),
+    Case("empty_block_row", 1, 250, 250, 2, 2, 64,
+         lambda: empty_row_blocks(block=64, length=250)),
     Case("and_or_combination", 1, 512, 512, 2, 2, 128,
          lambda: (sj.masks.sliding_window(512, 150, block_size=128)
                   | sj.masks.s2(512, 2, block_size=128, local_blocks=1,
@@ -203,22 +198,6 @@ class TestMosaicGpu:
 
   @hypothesis.given(st.data())
   def test_random_block_patterns(self, data):
-    nq = data.draw(st.integers(1, 4), label="nq")
-    nk = data.draw(st.integers(1, 4), label="nk")
-    bs = data.draw(st.sampled_from([64, 128]), label="block")
-    q_len = data.draw(st.integers((nq - 1) * bs + 1, nq * bs), label="q_len")
-    kv_len = data.draw(st.integers((nk - 1) * bs + 1, nk * bs), label="kv_len")
-    kv_heads = data.draw(st.sampled_from([1, 2]), label="kv_heads")
-    heads = kv_heads * data.draw(st.sampled_from([1, 2]), label="group")
-    bits = data.draw(st.lists(st.booleans(), min_size=heads * nq * nk,
-                              max_size=heads * nq * nk), label="blocks")
-    blocks = np.array(bits).reshape(1, heads, nq, nk)
-    seed = data.draw(st.integers(0, 50), label="seed")
-    fn = data.draw(st.sampled_from(
-        [None, sj.mask_fns.HashedRandom(seed, 1, 2),
-         sj.mask_fns.Causal(data.draw(st.integers(-8, 8), label="offset"))]),
-                   label="mask_fn")
-    mask = sj.masks.from_block_mask(blocks, block_size=bs, q_len=q_len,
-                                    kv_len=kv_len, mask_fn=fn)
-    case = Case("random", 1, q_len, kv_len, heads, kv_heads, 64, lambda: mask)
+    case, seed = draw_random_block_case(data, block_sizes=(64, 128),
+                                        head_dim=64)
     check_case(self.KW, case, jnp.bfloat16, seed=seed)

@@ -175,6 +175,16 @@ def _accumulate(issue, accs):
   return pl.run_state(issue)(tuple(plgpu.ACC.init(a) for a in accs))
 
 
+def _products_nt(pairs, shape):
+  """[a @ b.T for (a, b) in pairs] from SMEM, as one wgmma group (one wait)."""
+  def issue(*refs):
+    for acc, (a, b) in zip(refs, pairs):
+      plgpu.wgmma(acc, a, plgpu.transpose_ref(b, (1, 0)))
+    return tuple(r[...] for r in refs)
+
+  return pl.run_scoped(issue, *[plgpu.ACC(shape, jnp.float32) for _ in pairs])
+
+
 def _filled(shape, value, layout):
   """A constant f32 array in a wgmma register layout."""
   return plgpu.layout_cast(jnp.full(shape, value, jnp.float32), layout)
@@ -218,6 +228,18 @@ def _memory_loop(n_steps, depth, issue, used_barriers):
     for bar in used_barriers:
       plgpu.barrier_wait(bar.at[slot])
     issue(t + depth, slot)
+
+
+def _kv_issuer(walk, b, h, row, group, gmem, smem, ready):
+  """issue(step, slot): TMA the step's K and V tiles into the ring slot."""
+  kvh = lax.div(h, jnp.int32(group))
+
+  def issue(t, slot):
+    s = (b, pl.ds(walk.start(b, h, row, t), walk.tile), kvh)
+    for src, dst, bar in zip(gmem, smem, ready):
+      plgpu.copy_gmem_to_smem(src.at[s], dst.at[slot], bar.at[slot])
+
+  return issue
 
 
 # --- forward -----------------------------------------------------------------
@@ -325,14 +347,10 @@ def _fwd_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
 
   @pl.when(wg == wgs)
   def _memory():
-    kvh = lax.div(h, jnp.int32(group))
-
-    def issue(t, slot):
-      s = (b, pl.ds(walk.start(b, h, row, t), tile), kvh)
-      plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[slot], k_ready.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[slot], v_ready.at[slot])
-
-    _memory_loop(n_steps, depth, issue, (k_used, v_used))
+    _memory_loop(n_steps, depth,
+                 _kv_issuer(walk, b, h, row, group, (k_ref, v_ref),
+                            (k_smem, v_smem), (k_ready, v_ready)),
+                 (k_used, v_used))
 
 
 def forward(q, k, v, lists, cfg):
@@ -401,16 +419,8 @@ def _dq_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       plgpu.barrier_wait(k_ready.at[slot])
       plgpu.barrier_wait(v_ready.at[slot])
 
-      def scores_and_dp(s_ref, dp_ref):  # one wgmma group: one wait
-        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot],
-                                                       (1, 0)))
-        plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot],
-                                                         (1, 0)))
-        return s_ref[...], dp_ref[...]
-
-      s, dp = pl.run_scoped(scores_and_dp,
-                            plgpu.ACC((ROWS, tile), jnp.float32),
-                            plgpu.ACC((ROWS, tile), jnp.float32))
+      s, dp = _products_nt(((q_smem, k_smem.at[slot]),
+                            (do_smem, v_smem.at[slot])), (ROWS, tile))
       s, th = _logits(s, cfg)
       vis = _visible(cfg, b, h, q_base, walk.start(b, h, row, t),
                      (ROWS, tile), 0, masked)
@@ -439,14 +449,10 @@ def _dq_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   @pl.when(wg == wgs)
   def _memory():
-    kvh = lax.div(h, jnp.int32(group))
-
-    def issue(t, slot):
-      s = (b, pl.ds(walk.start(b, h, row, t), tile), kvh)
-      plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[slot], k_ready.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[slot], v_ready.at[slot])
-
-    _memory_loop(n_steps, depth, issue, (used,))
+    _memory_loop(n_steps, depth,
+                 _kv_issuer(walk, b, h, row, group, (k_ref, v_ref),
+                            (k_smem, v_smem), (k_ready, v_ready)),
+                 (used,))
 
 
 # --- backward: dK/dV over column lists ---------------------------------------
@@ -483,16 +489,9 @@ def _dkv_body(nf_ref, np_ref, idx_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
       for ready_bar in (q_ready, lse_ready, do_ready, delta_ready):
         plgpu.barrier_wait(ready_bar.at[slot])
 
-      def scores_and_dp(s_ref, dp_ref):  # [kv, q] tiles, one wgmma group
-        plgpu.wgmma(s_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot],
-                                                       (1, 0)))
-        plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot],
-                                                        (1, 0)))
-        return s_ref[...], dp_ref[...]
-
-      s, dp = pl.run_scoped(scores_and_dp,
-                            plgpu.ACC((ROWS, tile), jnp.float32),
-                            plgpu.ACC((ROWS, tile), jnp.float32))
+      # Transposed tiles: [kv rows, q columns].
+      s, dp = _products_nt(((k_smem, q_smem.at[slot]),
+                            (v_smem, do_smem.at[slot])), (ROWS, tile))
       s, th = _logits(s, cfg)
       vis = _visible(cfg, b, h, walk.start(b, h, col, t), kv_base,
                      (ROWS, tile), 1, masked)

@@ -53,8 +53,11 @@ def make_needle_example(rng: np.random.Generator, seq_len: int,
 
 
 def make_needle_batch(rng_seed: int, batch_size: int, seq_len: int,
-                      depth_fraction: float, **kwargs) -> dict:
-  """A batch of needle examples at a fixed depth, for long-context eval.
+                      depth_fraction: float | None, **kwargs) -> dict:
+  """A batch of needle examples at a fixed depth (None: random per example).
+
+  Example i draws from np.random.default_rng([rng_seed, i]), so a batch is a
+  pure function of its arguments (no files, any length).
 
   Returns the LM dict (inputs, targets: int32[B, L]; loss_mask:
   float32[B, L] marking the answer tokens), plus needle_pos int32[B].

@@ -165,3 +165,8 @@ def save_json(obj: Any, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(obj, f, indent=1, sort_keys=True, default=float)
+
+
+def load_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)

@@ -10,15 +10,20 @@ is only scored right if the first was.
   result = needle.needle_accuracy({8192: predict}, depths=[0.0, 0.5, 1.0])
 
 A predict function maps inputs int32[B, L] to the predicted answer tokens
-int32[B, value_len] (the argmax at the last value_len positions).
+int32[B, value_len] (the argmax at the last value_len positions). A model
+built at length N also predicts for every L <= N: the needle is padded at the
+end, and causal attention keeps the padding out of the answer positions
+(`predict_answers`), so one compiled length serves all shorter ones exactly.
 """
 
 import copy
+import functools
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import data
@@ -113,20 +118,50 @@ def load_params(config, workdir: str, *, step: Optional[int] = None):
   return state["params"]
 
 
+def predict_answers(graphdef, params, consts, inputs, ends, *,
+                    value_len: int = 2):
+  """Greedy answer tokens int32 [B, value_len] of a causal LM.
+
+  inputs int32 [B, N]; ends int32 [B]: each row's true length. The answer is
+  the argmax at ends - value_len .. ends - 1; tokens at or after `ends` (the
+  padding) cannot reach those positions through causal attention. Pure: jit
+  it with `functools.partial(predict_answers, graphdef, value_len=...)`.
+  """
+  logits = nnx.merge(graphdef, params, consts)(inputs)  # [B, N, vocab]
+  idx = ends[:, None] - value_len + jnp.arange(value_len)
+  picked = jnp.take_along_axis(logits, idx[:, :, None], axis=1)
+  return picked.argmax(-1).astype(jnp.int32)
+
+
+def pad_inputs(inputs: np.ndarray, seq_len: int,
+               batch: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Pads inputs [b, L] with zeros to [batch or b, seq_len]; returns
+  (padded, ends) with ends = L for every row (zero rows are never read)."""
+  b, length = inputs.shape
+  batch = b if batch is None else batch
+  if length > seq_len or b > batch:
+    raise ValueError(f"inputs {inputs.shape} do not fit [{batch}, {seq_len}]")
+  padded = np.zeros((batch, seq_len), np.int32)
+  padded[:b, :length] = inputs
+  return padded, np.full((batch,), length, np.int32)
+
+
 def model_predict_fn(config, params, seq_len: int, *, impl: str = "xla",
                      value_len: int = 2) -> PredictFn:
-  """A predict function running the model of `config` at `seq_len`.
+  """A predict function running the model of `config` built at `seq_len`.
 
   The masks are rebuilt for `seq_len` (the config's attention schedule and
   options); the parameters do not depend on the length (RoPE positions).
+  Inputs may be shorter than `seq_len` (padded, see `predict_answers`).
   """
   cfg = with_seq_len(config, seq_len, impl=impl)
   model = nn.build_model(cfg, data.task_info(cfg.data), seed=cfg.seed)
   graphdef, _, consts = nnx.split(model, nnx.Param, ...)
+  predict = jax.jit(functools.partial(predict_answers, graphdef,
+                                      value_len=value_len))
 
-  @jax.jit
-  def predict(params, consts, inputs):
-    logits = nnx.merge(graphdef, params, consts)(inputs)
-    return logits[:, -value_len:].argmax(-1)
+  def run(inputs):
+    padded, ends = pad_inputs(np.asarray(inputs), seq_len)
+    return np.asarray(predict(params, consts, padded, ends))
 
-  return lambda inputs: np.asarray(predict(params, consts, inputs))
+  return run

@@ -50,7 +50,8 @@ def needle_heatmaps(result: Mapping[str, Any], path: str) -> str:
     ax.set_yticks(range(len(lengths)), [str(l) for l in lengths])
     ax.set_xlabel("needle depth")
     ax.set_ylabel("context length")
-    ax.set_title(f"{name} (trained at {m['overrides']['seq_len']})")
+    trained = m.get("trained_at", m["overrides"]["seq_len"])
+    ax.set_title(f"{name} (trained at {trained})")
     for i in range(len(lengths)):
       for j in range(len(depths)):
         text = "skip" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
@@ -58,5 +59,38 @@ def needle_heatmaps(result: Mapping[str, Any], path: str) -> str:
   fig.subplots_adjust(wspace=0.45)
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact match")
   fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def needle_vs_length(result: Mapping[str, Any], path: str) -> str:
+  """Mean exact match vs context length per model, and the train loss."""
+  fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+  lengths = result["lengths"]
+  for i, (name, m) in enumerate(result["models"].items()):
+    done = [n for n in lengths if str(n) in m["accuracy"]]
+    mean = [np.mean(list(m["accuracy"][str(n)].values())) for n in done]
+    ax.plot(done, mean, "o-", color=f"C{i}", label=name)
+    if m.get("train_loss"):
+      steps, _, loss = zip(*m["train_loss"])
+      # Lengths alternate step to step: a running mean shows the trend.
+      k = max(len(loss) // 50, 1)
+      smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+      ax_loss.plot(steps[k - 1:], smooth, color=f"C{i}", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n)
+                          for n in lengths])
+  ax.set_ylim(-0.03, 1.03)
+  ax.set_xlabel("context length (tokens)")
+  ax.set_ylabel("exact match (mean over depths)")
+  ax.set_title("Needle retrieval")
+  ax_loss.set_xlabel("step")
+  ax_loss.set_ylabel("answer loss (nats, running mean)")
+  ax_loss.set_title("Training (mixed lengths)")
+  for a in (ax, ax_loss):
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
   plt.close(fig)
   return path

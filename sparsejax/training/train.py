@@ -52,14 +52,13 @@ class Experiment:
     self.consts = jax.device_put(consts,
                                  sharding.replicated(consts, self.mesh))
     self.train_step = jax.jit(
-        functools.partial(_train_step, self.graphdef, self.tx, self.task),
+        functools.partial(train_step, self.graphdef, self.tx, self.task),
         donate_argnums=(0,), out_shardings=(self.state_shardings, None))
     self.eval_step = jax.jit(
         functools.partial(_eval_step, self.graphdef, self.task))
 
   def _init_state(self, params):
-    return dict(step=jnp.zeros((), jnp.int32), params=params,
-                opt_state=self.tx.init(params))
+    return init_state(self.tx, params)
 
   def iterator(self, split: str, *, batch_size: int, num_epochs=None):
     """This process's shard of a data split, as a grain iterator."""
@@ -98,8 +97,19 @@ def _forward_sums(graphdef, task, params, consts, batch):
   return task.metric_sums(model(task.inputs(batch)), batch)
 
 
-def _train_step(graphdef, tx, task, state, consts, batch):
-  """One AdamW step; returns the new state and scalar metrics."""
+def init_state(tx, params):
+  """The train state: step counter, params and optimizer state."""
+  return dict(step=jnp.zeros((), jnp.int32), params=params,
+              opt_state=tx.init(params))
+
+
+def train_step(graphdef, tx, task, state, consts, batch):
+  """One AdamW step; returns the new state and scalar metrics.
+
+  Pure: jit it with `functools.partial(train_step, graphdef, tx, task)`.
+  Params do not depend on the sequence length (RoPE), so one state can step
+  through models of several lengths (a graphdef and consts per length).
+  """
 
   def loss_fn(params):
     sums = _forward_sums(graphdef, task, params, consts, batch)

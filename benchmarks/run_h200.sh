@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The exact commands behind benchmarks/ (run on one H200 through the device
 # tool, from the repo root). Usage: bash benchmarks/run_h200.sh PART OUTDIR
-#   attention-short | attention-long | train
+#   attention-short | attention-long | verify | final | mosaic-verify | mosaic-tests |
+#   mosaic-check | mosaic-final | needle-long | train
 set -uo pipefail
 part=$1; out=$2; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -61,6 +62,11 @@ case $part in
     timeout 330 python3 -m experiments.bench_attention --lengths=16384,32768,131072 \
       --impls=pallas_mosaic_gpu,pallas_triton,cudnn --warmup=2 --repeats=5 --peers="$out/peers.json" \
       --out_dir="$out/final" 2>&1 | grep -v Warn | tee "$out/final.log" | tail -40 ;;
+  needle-long)  # S2 issue (4a): dense vs S2-hybrid needle retrieval at 2K-32K (needs .whl carried)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    python3 -m experiments.s2_needle_long --preset=gpu --out_dir="$out/needle" 2>&1 | grep -v Warn \
+      | tee "$out/needle/run.log" | tail -30 ;;
   train)
     common="--config.model.d_model=768 --config.model.num_layers=12 --config.model.num_heads=12
       --config.model.num_kv_heads=4 --config.seq_len=8192 --config.batch_size=4

@@ -65,6 +65,7 @@ case $part in
   needle-long)  # S2 issue (4a): dense vs S2-hybrid needle retrieval at 2K-32K (needs .whl carried)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PYTHONPATH
+    mkdir -p "$out/needle"
     python3 -m experiments.s2_needle_long --preset=gpu --out_dir="$out/needle" 2>&1 | grep -v Warn \
       | tee "$out/needle/run.log" | tail -30 ;;
   train)

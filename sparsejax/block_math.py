@@ -24,7 +24,7 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
-def _log2_logits(s_raw, scale, soft_cap):
+def log2_logits(s_raw, scale, soft_cap):
   """Raw q.k -> logits in the base-2 domain, and tanh(.) if soft-capped."""
   if soft_cap is None:
     return s_raw * (scale * LOG2E), None
@@ -37,7 +37,7 @@ def scores(q, k, scale, soft_cap):
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                           precision=dot_precision(q.dtype),
                           preferred_element_type=jnp.float32)
-  return _log2_logits(s, scale, soft_cap)[0]
+  return log2_logits(s, scale, soft_cap)[0]
 
 
 def element_mask(mask_fn, b, h, q_start, kv_start, bq, bk, kv_len,
@@ -89,7 +89,7 @@ def probs_and_dscores(q, k, v, do, lse, delta, scale, soft_cap, visible):
   s_raw = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                               precision=dot_precision(q.dtype),
                               preferred_element_type=jnp.float32)
-  s, t = _log2_logits(s_raw, scale, soft_cap)
+  s, t = log2_logits(s_raw, scale, soft_cap)
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   p = jnp.exp2(s - lse2[:, None])
   if visible is not None:

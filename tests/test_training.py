@@ -10,6 +10,7 @@ import pytest
 from configs import lm as lm_config
 from configs import vit as vit_config
 from sparsejax import training
+from sparsejax.evals import compare
 from sparsejax.training import checkpoints
 
 
@@ -26,13 +27,7 @@ def tiny_config(**overrides):
   config.checkpoint.every = 3
   config.checkpoint.keep = 3
   config.progress_bar = False
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    target = config
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return compare.apply_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")

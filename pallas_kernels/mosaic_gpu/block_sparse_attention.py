@@ -142,14 +142,6 @@ class _Walk:
     return self.idx_ref[b, h, row, entry] * self.block + part * self.tile
 
 
-def _logits(s_raw, cfg):
-  """Raw q.k -> base-2 logits (and tanh(.) when soft-capped)."""
-  if cfg.soft_cap is None:
-    return s_raw * (cfg.scale * block_math.LOG2E), None
-  t = jnp.tanh(s_raw * (cfg.scale / cfg.soft_cap))
-  return t * (cfg.soft_cap * block_math.LOG2E), t
-
-
 def _visible(cfg, b, h, q_start, kv_start, shape, q_dim, masked):
   """Element mask of a tile in the wgmma register layout, or None.
 
@@ -167,6 +159,26 @@ def _visible(cfg, b, h, q_start, kv_start, shape, q_dim, masked):
     r = kv_idx < cfg.kv_len
     vis = r if vis is None else vis & r
   return vis
+
+
+def _dscores(p, dp, delta, th, scale):
+  """dL/d(raw q.k) from probabilities, dP and delta already broadcast."""
+  ds = p * (dp - delta)
+  if th is not None:  # soft-cap: d tanh
+    ds = ds * (1.0 - th * th)
+  return ds * scale
+
+
+def _copy_in(copies, barrier):
+  """Blocking TMA copies (src, dst), one after another on one barrier."""
+  for src, dst in copies:
+    plgpu.copy_gmem_to_smem(src, dst, barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def _compute_registers(wgs):
+  # The memory warpgroup gives up registers (40) to the compute ones.
+  plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
 
 
 def _accumulate(issue, accs):
@@ -246,17 +258,17 @@ def _kv_issuer(walk, b, h, row, group, gmem, smem, ready):
 
 
 def _fwd_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-              smem, ready, used, sched, *, cfg, walk_block, tile, depth, wgs,
-              group, head_dim):
+              smem, ready, used, sched, *, cfg, schedule_barrier, tile, depth,
+              wgs, group, head_dim):
   b, h, c, wg = _grid_ids(heavy_last=True)
   q_smem2, k_smem, v_smem, lse_smem2 = smem
   k_ready, v_ready, q_ready = ready
   k_used, v_used = used
-  walk = _Walk(idx_ref, nf_ref, np_ref, walk_block, tile)
+  walk = _Walk(idx_ref, nf_ref, np_ref, cfg.block_kv, tile)
   row = lax.div(c * (ROWS * wgs), jnp.int32(cfg.block_q))
   n_full, n_steps = walk.counts(b, h, row)
   dtype = q_ref.dtype
-  ping_pong = wgs == 2 and cfg.tuning_schedule_barrier
+  ping_pong = wgs == 2 and schedule_barrier
 
   def schedule():
     if ping_pong:
@@ -265,12 +277,10 @@ def _fwd_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
 
   @pl.when(wg < wgs)
   def _compute():
-    plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+    _compute_registers(wgs)
     q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
     q_base = c * (ROWS * wgs) + wg * ROWS
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, ROWS), h], q_smem,
-                            q_ready.at[wg])
-    plgpu.barrier_wait(q_ready.at[wg])
+    _copy_in([(q_ref.at[b, pl.ds(q_base, ROWS), h], q_smem)], q_ready.at[wg])
     m = _filled((ROWS,), -jnp.inf, plgpu.Layout.WGMMA.reduce(1))
     l = _filled((ROWS,), 0.0, plgpu.Layout.WGMMA.reduce(1))
     acc = _filled((ROWS, head_dim), 0.0, plgpu.Layout.WGMMA)
@@ -294,7 +304,7 @@ def _fwd_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
 
       s = pl.run_scoped(qk, plgpu.ACC((ROWS, tile), jnp.float32))
       plgpu.barrier_arrive(k_used.at[slot])
-      s, _ = _logits(s, cfg)
+      s, _ = block_math.log2_logits(s, cfg.scale, cfg.soft_cap)
       vis = _visible(cfg, b, h, q_base, walk.start(b, h, row, t),
                      (ROWS, tile), 0, masked)
       if vis is not None:
@@ -370,8 +380,8 @@ def forward(q, k, v, lists, cfg):
       plgpu.Barrier(num_arrivals=wgs),
   ]
   body = functools.partial(
-      _fwd_body, cfg=_Cfg.of(cfg, tuning), walk_block=cfg.block_kv, tile=tile,
-      depth=depth, wgs=wgs, group=group, head_dim=d)
+      _fwd_body, cfg=cfg, schedule_barrier=tuning.use_schedule_barrier,
+      tile=tile, depth=depth, wgs=wgs, group=group, head_dim=d)
   out, lse2 = _kernel(
       body, [jax.ShapeDtypeStruct(q.shape, q.dtype),
              jax.ShapeDtypeStruct((b, h, lq), jnp.float32)], scratch,
@@ -396,20 +406,14 @@ def _dq_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   @pl.when(wg < wgs)
   def _compute():
-    plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+    _compute_registers(wgs)
     q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
     lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
     q_base = c * (ROWS * wgs) + wg * ROWS
     rows = pl.ds(q_base, ROWS)
-    bar = q_ready.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, bar)
-    plgpu.barrier_wait(bar)
-    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, bar)
-    plgpu.barrier_wait(bar)
-    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem, bar)
-    plgpu.barrier_wait(bar)
-    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem, bar)
-    plgpu.barrier_wait(bar)
+    _copy_in([(q_ref.at[b, rows, h], q_smem), (do_ref.at[b, rows, h], do_smem),
+              (lse_ref.at[b, h, rows], lse_smem),
+              (delta_ref.at[b, h, rows], delta_smem)], q_ready.at[wg])
     lse = _load_row_vector(lse_smem, plgpu.Layout.WGMMA.reduce(1))
     delta = _load_row_vector(delta_smem, plgpu.Layout.WGMMA.reduce(1))
     dq = _filled((ROWS, head_dim), 0.0, plgpu.Layout.WGMMA)
@@ -421,16 +425,14 @@ def _dq_body(nf_ref, np_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
       s, dp = _products_nt(((q_smem, k_smem.at[slot]),
                             (do_smem, v_smem.at[slot])), (ROWS, tile))
-      s, th = _logits(s, cfg)
+      s, th = block_math.log2_logits(s, cfg.scale, cfg.soft_cap)
       vis = _visible(cfg, b, h, q_base, walk.start(b, h, row, t),
                      (ROWS, tile), 0, masked)
       if vis is not None:
         s = jnp.where(vis, s, -jnp.inf)
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-      ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-      if th is not None:
-        ds = ds * (1.0 - th * th)
-      ds = ds * cfg.scale
+      ds = _dscores(p, dp, lax.broadcast_in_dim(delta, dp.shape, [0]), th,
+                    cfg.scale)
 
       def dsk(refs):
         plgpu.wgmma(refs[0], ds.astype(dtype), k_smem.at[slot])
@@ -471,16 +473,13 @@ def _dkv_body(nf_ref, np_ref, idx_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
 
   @pl.when(wg < wgs)
   def _compute():
-    plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+    _compute_registers(wgs)
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
     kv_base = c * (ROWS * wgs) + wg * ROWS
     rows = pl.ds(kv_base, ROWS)
     kvh = lax.div(h, jnp.int32(group))
-    bar = kv_ready.at[wg]
-    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem, bar)
-    plgpu.barrier_wait(bar)
-    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem, bar)
-    plgpu.barrier_wait(bar)
+    _copy_in([(k_ref.at[b, rows, kvh], k_smem),
+              (v_ref.at[b, rows, kvh], v_smem)], kv_ready.at[wg])
     zeros = _filled((ROWS, head_dim), 0.0, plgpu.Layout.WGMMA)
 
     def step(t, carry, masked):
@@ -492,7 +491,7 @@ def _dkv_body(nf_ref, np_ref, idx_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
       # Transposed tiles: [kv rows, q columns].
       s, dp = _products_nt(((k_smem, q_smem.at[slot]),
                             (v_smem, do_smem.at[slot])), (ROWS, tile))
-      s, th = _logits(s, cfg)
+      s, th = block_math.log2_logits(s, cfg.scale, cfg.soft_cap)
       vis = _visible(cfg, b, h, walk.start(b, h, col, t), kv_base,
                      (ROWS, tile), 1, masked)
       if vis is not None:
@@ -501,10 +500,8 @@ def _dkv_body(nf_ref, np_ref, idx_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
                                   layout=plgpu.Layout.WGMMA.reduce(0))
       lse, delta = row_vec(lse_smem.at[slot]), row_vec(delta_smem.at[slot])
       p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
-      ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [1]))
-      if th is not None:
-        ds = ds * (1.0 - th * th)
-      ds = ds * cfg.scale
+      ds = _dscores(p, dp, lax.broadcast_in_dim(delta, dp.shape, [1]), th,
+                    cfg.scale)
 
       def dv_and_dk(refs):  # dV += p^T dO, dK += dS^T Q: one wgmma group
         plgpu.wgmma(refs[0], p.astype(dtype), do_smem.at[slot])
@@ -549,7 +546,6 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   group = h // hkv
   tuning = cfg.tuning or TuningConfig()
   depth = tuning.max_concurrent_steps
-  kcfg = _Cfg.of(cfg, tuning)
   do = do.astype(q.dtype)
   # Base-2 lse; rows that saw nothing get +inf so that p = exp2(s - lse) = 0.
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * block_math.LOG2E)
@@ -558,7 +554,7 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   tile = tuning.tile("tile_kv_dq", d, cfg.block_kv)
   wgs = tuning.wgs("bwd", d, cfg.block_q)
   dq = _kernel(
-      functools.partial(_dq_body, cfg=kcfg, tile=tile, depth=depth, wgs=wgs,
+      functools.partial(_dq_body, cfg=cfg, tile=tile, depth=depth, wgs=wgs,
                         group=group, head_dim=d),
       jax.ShapeDtypeStruct(q.shape, q.dtype),
       [(_tile_smem(wgs, ROWS, d, q.dtype), _tile_smem(wgs, ROWS, d, q.dtype),
@@ -576,7 +572,7 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   wgs = tuning.wgs("bwd", d, cfg.block_kv)
   per_head = jax.ShapeDtypeStruct((b, lk, h, d), k.dtype)
   dk, dv = _kernel(
-      functools.partial(_dkv_body, cfg=kcfg, tile=tile, depth=depth, wgs=wgs,
+      functools.partial(_dkv_body, cfg=cfg, tile=tile, depth=depth, wgs=wgs,
                         group=group, head_dim=d),
       [per_head, per_head],
       [(_tile_smem(wgs, ROWS, d, k.dtype), _tile_smem(wgs, ROWS, d, v.dtype),
@@ -596,23 +592,6 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
 
 
 # --- entry -------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-  """The static settings the kernel bodies read."""
-  block_q: int
-  block_kv: int
-  kv_len: int
-  mask_fn: object
-  scale: float
-  soft_cap: Optional[float]
-  tuning_schedule_barrier: bool
-
-  @classmethod
-  def of(cls, cfg, tuning):
-    return cls(cfg.block_q, cfg.block_kv, cfg.kv_len, cfg.mask_fn, cfg.scale,
-               cfg.soft_cap, tuning.use_schedule_barrier)
 
 
 def _merge(counts_f, idx_f, counts_p, idx_p):

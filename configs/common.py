@@ -50,6 +50,19 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def default_options(name: str, *, block_size: int) -> dict:
+  """Options of a variant the config file has no entry for: a block size for
+  mask variants; for layer variants, their factory's keyword defaults (so
+  --config.attention.options.x=... can override each)."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from sparsejax.nn import attention_registry  # pylint: disable=g-import-not-at-top
+  if not attention_registry.is_layer_variant(name):
+    return dict(block_size=block_size)
+  params = inspect.signature(attention_registry.get(name)).parameters
+  return {k: p.default for k, p in params.items()
+          if isinstance(p.default, (bool, int, float, str))}
+
+
 def attention_config(name: str, options: dict) -> ml_collections.ConfigDict:
   """The `attention` section: variant name and options, impl, soft-cap and
   the per-layer schedule (see sparsejax.nn.attention_registry)."""

@@ -51,11 +51,8 @@ def get_config(arg=None):
   # Derived: follows --config.model.d_model overrides.
   config.model.mlp_dim = config.model.get_ref("d_model") * 4
 
-  if arg.attention not in _ATTENTION_OPTIONS:
-    # Variants registered elsewhere take their options from the command line.
-    options = dict(block_size=32)
-  else:
-    options = dict(_ATTENTION_OPTIONS[arg.attention])
+  options = dict(_ATTENTION_OPTIONS.get(
+      arg.attention, common.default_options(arg.attention, block_size=32)))
   if arg.attention == "block_sparse":
     # Example pattern: a two-block local band plus the first (sink) column.
     nb = config.seq_len // options["block_size"]

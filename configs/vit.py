@@ -38,7 +38,8 @@ def get_config(arg=None):
       head_dim=ml_collections.config_dict.placeholder(int)))
   config.model.mlp_dim = config.model.get_ref("d_model") * 4
 
-  options = dict(_ATTENTION_OPTIONS.get(arg.attention, dict(block_size=16)))
+  options = dict(_ATTENTION_OPTIONS.get(
+      arg.attention, common.default_options(arg.attention, block_size=16)))
   if arg.attention == "block_sparse":
     # Example pattern over 32x32 / patch 4 = 64 tokens (4 blocks): a band.
     options["pattern"] = [[abs(i - j) <= 1 for j in range(4)]

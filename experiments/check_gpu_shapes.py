@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparsejax as sj
-from sparsejax import implementations
+from sparsejax.block_sparse.implementations import REGISTRY
 
 _IMPL = flags.DEFINE_string("impl", "pallas_triton", "implementation to check")
 
@@ -35,7 +35,7 @@ def main(argv):
                                           ("causal", "s2")):
     if _IMPL.value == "pallas_triton" and d > 128 and block > 64:
       continue  # rejected with a ValueError: shared memory (see validate_blocks)
-    why = implementations.get(_IMPL.value).unsupported(jnp.bfloat16, d, block,
+    why = REGISTRY.get(_IMPL.value).unsupported(jnp.bfloat16, d, block,
                                                         block)
     if why:
       print(f"d={d:3d} block={block:3d} {kind:6s} skipped: {why}")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparsejax as sj
-from sparsejax.block_mask import BlockMask
+from sparsejax.block_sparse.block_mask import BlockMask
 
 BWD_FLOP_FACTOR = 3.5
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sparsejax as sj
-from sparsejax.block_mask import EMPTY, FULL, PARTIAL
+from sparsejax.block_sparse.block_mask import EMPTY, FULL, PARTIAL
 
 
 def _dense(mask):

@@ -9,7 +9,6 @@ random element masks and random block patterns, each dtype.
 
 import dataclasses
 import logging
-from unittest import mock
 
 import hypothesis
 from hypothesis import strategies as st
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 import sparsejax as sj
-from sparsejax import implementations
+from sparsejax.block_sparse.implementations import REGISTRY
 from tests.attention_cases import Case, RowsOff, empty_row_blocks
 from tests.attention_test_base import check_case, draw_random_block_case
 from tests.conftest import has_gpu
@@ -71,7 +70,7 @@ def _specs(case, dtype):
 
 def _lower(fn, *args):
   dev = AbstractDevice(device_kind=H200[1], platform="gpu", num_cores=132)
-  with mock.patch.object(implementations, "_platform", lambda: H200), \
+  with sj.target_platform(*H200), \
       jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
     return jax.jit(fn).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
@@ -122,12 +121,12 @@ def test_auto_falls_back_and_explicit_impl_explains(dtype, head_dim, block,
                                                     why, caplog):
   mask = sj.masks.causal(256, block_size=block)
   q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), dtype)
-  with mock.patch.object(implementations, "_platform", lambda: H200):
+  with sj.target_platform(*H200):
     with pytest.raises(ValueError, match=why):
       jax.eval_shape(lambda q: sj.attention(q, q, q, mask,
                                             impl="pallas_mosaic_gpu"), q)
     with caplog.at_level(logging.INFO):
-      impl = implementations.resolve("auto", False,
+      impl = REGISTRY.resolve("auto", False,
                                      (dtype, head_dim, block, block))
   assert impl.name == "pallas_triton"
   assert why in caplog.text
@@ -135,12 +134,11 @@ def test_auto_falls_back_and_explicit_impl_explains(dtype, head_dim, block,
 
 def test_auto_prefers_mosaic_on_hopper_only():
   problem = (jnp.bfloat16, 128, 128, 128)
-  with mock.patch.object(implementations, "_platform", lambda: H200):
-    assert implementations.resolve("auto", False, problem).name == (
+  with sj.target_platform(*H200):
+    assert REGISTRY.resolve("auto", False, problem).name == (
         "pallas_mosaic_gpu")
-  with mock.patch.object(implementations, "_platform",
-                         lambda: ("gpu", "NVIDIA A100-SXM4-80GB")):
-    assert implementations.resolve("auto", False, problem).name == (
+  with sj.target_platform("gpu", "NVIDIA A100-SXM4-80GB"):
+    assert REGISTRY.resolve("auto", False, problem).name == (
         "pallas_triton")
 
 

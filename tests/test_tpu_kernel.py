@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import sparsejax as sj
-from sparsejax.block_mask import broadcast_lists
-from sparsejax.vjp import StaticConfig
+from sparsejax.block_sparse.block_mask import broadcast_lists
+from sparsejax.block_sparse.vjp import StaticConfig
 from pallas_kernels.tpu import block_sparse_attention as bsa
 from tests.attention_test_base import AttentionSuite
 from tests.attention_test_base import assert_close

@@ -1,19 +1,16 @@
 """Lowers the Triton kernels for CUDA on the CPU: catches shapes and ops the
 GPU would reject (power-of-two sizes, dot shapes, scalar prefetch) in CI."""
 
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 import sparsejax as sj
-from sparsejax import implementations
 
 
 def _lower(fn, *args):
-  with mock.patch.object(implementations, "_platform",
-                         lambda: ("gpu", "NVIDIA H200")):
+  with sj.target_platform("gpu", "NVIDIA H200"):
     text = jax.jit(fn).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
   assert "__gpu$xla.gpu.triton" in text

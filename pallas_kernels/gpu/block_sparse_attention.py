@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from sparsejax import block_math
-from sparsejax.block_mask import next_power_of_2
-from sparsejax.vjp import make_vjp
+from sparsejax.block_sparse import block_math
+from sparsejax.block_sparse.block_mask import next_power_of_2
+from sparsejax.block_sparse.vjp import make_vjp
 
 
 

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sparsejax import block_math
-from sparsejax.vjp import make_vjp
+from sparsejax.block_sparse import block_math
+from sparsejax.block_sparse.vjp import make_vjp
 
 ROWS = 64  # rows per compute warpgroup: the wgmma M dimension
 _DTYPES = (jnp.bfloat16, jnp.float16)

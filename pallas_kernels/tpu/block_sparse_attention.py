@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sparsejax import block_math
-from sparsejax.vjp import make_vjp
+from sparsejax.block_sparse import block_math
+from sparsejax.block_sparse.vjp import make_vjp
 
 NUM_LANES = 128
 NUM_SUBLANES = 8

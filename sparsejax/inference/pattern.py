@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from sparsejax import masks
-from sparsejax.masks import _check_len  # pylint: disable=protected-access
+from sparsejax.block_sparse import masks
+from sparsejax.block_sparse.masks import _check_len  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gpu import s2_decode as triton_decode
-from sparsejax.block_mask import next_power_of_2
+from sparsejax.block_sparse.block_mask import next_power_of_2
 from sparsejax.inference.s2_cache import S2KVCache, SlotView
 
 IMPLS = ("xla", "pallas_triton")

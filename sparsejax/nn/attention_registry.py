@@ -1,49 +1,115 @@
-"""Attention variants by name: each builds the static `BlockMask` of a layer.
+"""Attention variants by name, for the models' layers.
 
-A factory is called once per layer at model construction (outside `jit`) as
-`factory(seq_len, num_heads, num_kv_heads, *, causal, **options)` and returns
-a `sj.BlockMask`, or None for full bidirectional attention. New variants
-register themselves:
+Two kinds of variant share one name space:
 
-  @attention_registry.register("my_variant")
-  def _my_variant(seq_len, num_heads, num_kv_heads, *, causal, width=4):
-    ...
+* Mask variants (`register`): softmax attention through `sj.attention` with a
+  static `BlockMask`. The factory is called once per layer at model
+  construction (outside `jit`) as
+  `factory(seq_len, num_heads, num_kv_heads, *, causal, **options)` and
+  returns a `sj.BlockMask`, or None for full bidirectional attention:
+
+    @attention_registry.register("my_variant")
+    def _my_variant(seq_len, num_heads, num_kv_heads, *, causal, width=4):
+      ...
+
+* Layer variants (`register_layer`): any token mixer that is not a masked
+  softmax (linear attention, vision windows, learned gates, ...). The factory
+  gets a `LayerSpec` and the options and returns an `nnx.Module` called as
+  `layer(x [B, L, d_model], positions=None, segment_ids=None)`:
+
+    @attention_registry.register_layer("my_mixer")
+    def _my_mixer(spec: LayerSpec, *, decay=0.9):
+      return MyMixer(spec.d_model, spec.num_heads, ..., rngs=spec.rngs)
+
+Family packages register their variants when `sparsejax.nn` is imported.
 """
 
+import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
 import sparsejax as sj
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
+_LAYERS: dict[str, Callable[..., Any]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """What a layer factory knows about its layer (model-level settings)."""
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  seq_len: int
+  causal: bool
+  rngs: Any
+  dtype: Any
+  impl: str = "auto"
+  soft_cap: Optional[float] = None
+  use_rope: bool = True
+  rope_theta: float = 10000.0
+  grid: Optional[Tuple[int, int]] = None  # (height, width) of vision tokens
+  layer_index: int = 0
+  num_layers: int = 1
+
+
+def _add(table, name, factory):
+  if name in _REGISTRY or name in _LAYERS:
+    raise ValueError(f"attention variant {name!r} is already registered")
+  table[name] = factory
+  return factory
 
 
 def register(name: str):
   """Decorator adding a mask factory to the registry under `name`."""
+  return lambda factory: _add(_REGISTRY, name, factory)
 
-  def wrap(factory):
-    if name in _REGISTRY:
-      raise ValueError(f"attention variant {name!r} is already registered")
-    _REGISTRY[name] = factory
-    return factory
 
-  return wrap
+def register_layer(name: str):
+  """Decorator adding a layer factory (LayerSpec, **options) -> nnx.Module."""
+  return lambda factory: _add(_LAYERS, name, factory)
 
 
 def names() -> list[str]:
-  """Sorted names of the registered attention variants."""
-  return sorted(_REGISTRY)
+  """Sorted names of the registered attention variants (both kinds)."""
+  return sorted(set(_REGISTRY) | set(_LAYERS))
+
+
+def is_layer_variant(name: str) -> bool:
+  get(name)
+  return name in _LAYERS
 
 
 def get(name: str) -> Callable[..., Any]:
   """The factory for `name`; ValueError listing valid names if unknown."""
+  if name in _LAYERS:
+    return _LAYERS[name]
   if name not in _REGISTRY:
     raise ValueError(f"unknown attention variant {name!r}; valid names: "
                      f"{', '.join(names())}")
   return _REGISTRY[name]
+
+
+def _check_options(name, factory, options, strict, fixed):
+  params = inspect.signature(factory).parameters
+  unknown = sorted(set(options) - set(params))
+  if unknown and strict:
+    valid = [p for p in params if p not in fixed]
+    raise ValueError(f"attention variant {name!r} got unknown options "
+                     f"{unknown}; valid options: {valid}")
+  return {k: v for k, v in options.items() if k in params}
+
+
+def build_layer(name: str, spec: LayerSpec, *, strict: bool = True,
+                **options):
+  """The nnx layer of a layer variant (see `register_layer`)."""
+  factory = _LAYERS[name]
+  return factory(spec, **_check_options(name, factory, options, strict,
+                                        ("spec",)))
 
 
 def _hashable(value):
@@ -72,15 +138,14 @@ def build_mask(name: str, seq_len: int, num_heads: int, num_kv_heads: int, *,
   Returns:
     A `sj.BlockMask`, or None for full bidirectional attention.
   """
-  factory = get(name)
-  params = inspect.signature(factory).parameters
-  unknown = sorted(set(options) - set(params))
-  if unknown and strict:
-    valid = [p for p in params if p not in ("seq_len", "num_heads",
-                                            "num_kv_heads", "causal")]
-    raise ValueError(f"attention variant {name!r} got unknown options "
-                     f"{unknown}; valid options: {valid}")
-  options = {k: _hashable(v) for k, v in options.items() if k in params}
+  get(name)  # unknown names list the valid ones
+  factory = _REGISTRY.get(name)
+  if factory is None:
+    raise ValueError(f"attention variant {name!r} is a layer variant, not a "
+                     f"mask variant: build it with build_layer")
+  options = _check_options(name, factory, options, strict,
+                           ("seq_len", "num_heads", "num_kv_heads", "causal"))
+  options = {k: _hashable(v) for k, v in options.items()}
   return _cached(name, seq_len, num_heads, num_kv_heads, causal,
                  tuple(sorted(options.items())))
 
@@ -88,7 +153,7 @@ def build_mask(name: str, seq_len: int, num_heads: int, num_kv_heads: int, *,
 @functools.lru_cache(maxsize=64)
 def _cached(name, seq_len, num_heads, num_kv_heads, causal, options):
   # Layers with equal settings share one build (masks are read-only data).
-  return get(name)(seq_len, num_heads, num_kv_heads, causal=causal,
+  return _REGISTRY[name](seq_len, num_heads, num_kv_heads, causal=causal,
                    **dict(options))
 
 

@@ -102,8 +102,8 @@ class Attention(nnx.Module):
     self.soft_cap, self.dtype = soft_cap, dtype
     self.num_heads, self.head_dim = num_heads, head_dim
 
-  def __call__(self, x, positions=None):
-    """x [B, L, d_model] -> [B, L, d_model]."""
+  def __call__(self, x, positions=None, segment_ids=None):
+    """x [B, L, d_model] -> [B, L, d_model]; segment_ids [B, L] or None."""
     c = lambda p: p[...].astype(self.dtype)
     q = jnp.einsum("bld,dhk->blhk", x, c(self.wq))
     k = jnp.einsum("bld,dhk->blhk", x, c(self.wk))
@@ -114,6 +114,8 @@ class Attention(nnx.Module):
       q = rope(q, positions, self.rope_theta)
       k = rope(k, positions, self.rope_theta)
     mask = self.mask.get_value() if self.mask is not None else None
+    if segment_ids is not None:
+      raise NotImplementedError("segment_ids are not supported yet")
     out = sj.attention(q, k, v, mask, soft_cap=self.soft_cap, impl=self.impl)
     return jnp.einsum("blhk,hkd->bld", out.astype(self.dtype), c(self.wo))
 
@@ -124,6 +126,11 @@ class Attention(nnx.Module):
     m = self.mask.get_value()
     blocks = (np.asarray(m.full_counts) + np.asarray(m.partial_counts)).mean()
     return float(min(seq_len, blocks * m.block_kv))
+
+  def attention_flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs of scores and values per token (fwd + bwd)."""
+    return 12.0 * self.num_heads * self.head_dim * self.visible_per_query(
+        seq_len)
 
 
 class Block(nnx.Module):
@@ -136,6 +143,6 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(d_model)
     self.mlp = SwiGLU(d_model, mlp_dim, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, positions=None):
-    x = x + self.attn(self.attn_norm(x), positions)
+  def __call__(self, x, positions=None, segment_ids=None):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     return x + self.mlp(self.mlp_norm(x))

@@ -29,8 +29,10 @@ class ViT(nnx.Module):
     self.grid = (height // patch_size, width // patch_size)
     seq_len = self.grid[0] * self.grid[1]
     head_dim = head_dim or d_model // num_heads
-    masks = lm.build_layer_masks(num_layers, seq_len, num_heads, num_kv_heads,
-                                 attention, causal=False)
+    mixers = lm.build_attention_layers(
+        num_layers, attention, d_model=d_model, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, seq_len=seq_len,
+        causal=False, rngs=rngs, dtype=dtype, use_rope=False, grid=self.grid)
     self.patch_size, self.dtype, self.seq_len = patch_size, dtype, seq_len
     self.w_patch = nnx.Param(nnx.initializers.lecun_normal()(
         rngs.params(), (patch_size * patch_size * channels, d_model)))
@@ -38,11 +40,7 @@ class ViT(nnx.Module):
         rngs.params(), (*self.grid, d_model)))
     self.blocks = nnx.List([
         layers.Block(d_model, mlp_dim, rngs=rngs, dtype=dtype,
-                     attention=layers.Attention(
-                         d_model, num_heads, num_kv_heads, head_dim,
-                         mask=mask, impl=attention.get("impl", "auto"),
-                         use_rope=False, rngs=rngs, dtype=dtype))
-        for mask in masks])
+                     attention=mixer) for mixer in mixers])
     self.final_norm = layers.RMSNorm(d_model)
     self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
 

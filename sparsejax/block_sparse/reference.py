@@ -7,7 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from sparsejax.block_mask import BlockMask
+from sparsejax.block_sparse.block_mask import BlockMask
 
 
 def attention_reference(q, k, v, mask: Optional[BlockMask] = None, *,

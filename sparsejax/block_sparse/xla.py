@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sparsejax import block_math
-from sparsejax.vjp import make_vjp
+from sparsejax.block_sparse import block_math
+from sparsejax.block_sparse.vjp import make_vjp
 
 
 def _slice(x, block, size):

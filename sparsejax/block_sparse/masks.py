@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import mask_fns
-from sparsejax.block_mask import BlockMask, EMPTY, FULL, PARTIAL
+from sparsejax.block_sparse import mask_fns
+from sparsejax.block_sparse.block_mask import BlockMask, EMPTY, FULL, PARTIAL
 
 BlockSize = Union[int, Tuple[int, int]]
 

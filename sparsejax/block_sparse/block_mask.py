@@ -234,7 +234,7 @@ class BlockMask:
                        f"block_kv, q_len, kv_len): {geometry} vs "
                        f"{other_geometry}")
     a, b = self.block_states(), other.block_states()
-    from sparsejax import mask_fns  # pylint: disable=g-import-not-at-top
+    from sparsejax.block_sparse import mask_fns  # pylint: disable=g-import-not-at-top
     if op == "and":
       states = jnp.where((a == EMPTY) | (b == EMPTY), EMPTY,
                          jnp.where((a == FULL) & (b == FULL), FULL, PARTIAL))

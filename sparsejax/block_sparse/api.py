@@ -6,11 +6,11 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from sparsejax import implementations
-from sparsejax import reference
-from sparsejax.block_mask import BlockMask, broadcast_lists, next_power_of_2
-from sparsejax import masks as masks_lib
-from sparsejax.vjp import StaticConfig
+from sparsejax.block_sparse.implementations import REGISTRY
+from sparsejax.block_sparse import reference
+from sparsejax.block_sparse.block_mask import BlockMask, broadcast_lists, next_power_of_2
+from sparsejax.block_sparse import masks as masks_lib
+from sparsejax.block_sparse.vjp import StaticConfig
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -81,7 +81,7 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
   _validate(q, k, v, mask)
   if not isinstance(impl, str):
     raise ValueError(f"impl must be a string, one of "
-                     f"{sorted(implementations.names())}, got {impl!r}")
+                     f"{sorted(REGISTRY.names())}, got {impl!r}")
   b, lq, h, d = q.shape
   lk = k.shape[1]
   scale = float(d ** -0.5 if scale is None else scale)
@@ -94,7 +94,7 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
     mask = masks_lib.full(lq, lk, block_size=(min(128, next_power_of_2(max(
         lq, 16))), min(128, next_power_of_2(max(lk, 16)))))
   bq, bk = mask.block_q, mask.block_kv
-  implementation = implementations.resolve(impl, interpret,
+  implementation = REGISTRY.resolve(impl, interpret,
                                            problem=(q.dtype, d, bq, bk))
   if implementation.dense:
     out, lse = reference.attention_reference(q, k, v, user_mask, scale=scale,

@@ -1,0 +1,1 @@
+"""Learned and dynamic sparsity: SeerAttention, Routing Transformer, MInference."""

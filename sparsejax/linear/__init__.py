@@ -1,0 +1,1 @@
+"""Linear attention: Lightning Attention-2 (chunked, with decay) and decode."""

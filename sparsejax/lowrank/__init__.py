@@ -1,0 +1,1 @@
+"""Low-rank attention: Performer features and Scatterbrain (sparse + low-rank)."""

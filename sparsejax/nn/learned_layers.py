@@ -1,0 +1,1 @@
+"""NNX layers of the learned family, registered as attention layer variants."""

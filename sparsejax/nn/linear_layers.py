@@ -1,0 +1,1 @@
+"""NNX layers of the linear family, registered as attention layer variants."""

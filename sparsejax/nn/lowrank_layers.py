@@ -1,0 +1,1 @@
+"""NNX layers of the lowrank family, registered as attention layer variants."""

@@ -1,0 +1,1 @@
+"""NNX layers of the vision family, registered as attention layer variants."""

@@ -1,0 +1,1 @@
+"""Vision attention: MaxViT block/grid, neighborhood attention, BiFormer routing."""

@@ -1,0 +1,91 @@
+"""The shared vision suites against each implementation."""
+
+import pytest
+
+from tests import vision_test_base as base
+from tests.conftest import has_gpu
+
+_GPU = pytest.mark.skipif(not has_gpu(), reason="compiles the GPU kernels: "
+                          "needs a CUDA GPU (CPU coverage: the interpret-mode "
+                          "classes and test_vision_lowering.py)")
+
+
+def pytest_generate_tests(metafunc):
+  if "case" in metafunc.fixturenames:
+    cases = metafunc.cls.CASES
+    metafunc.parametrize("case", cases, ids=[c.name for c in cases])
+
+
+class TestWindowXla(base.WindowSuite):
+  IMPL = "xla"
+
+
+class TestWindowTritonInterpret(base.WindowSuite):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CASES = base.WINDOW_CASES[1:]
+
+
+class TestWindowTpuInterpret(base.WindowSuite):
+  IMPL = "pallas_tpu"
+  INTERPRET = True
+  CASES = base.WINDOW_CASES[1:3]
+
+
+class TestNeighborhoodXla(base.NeighborhoodSuite):
+  IMPL = "xla"
+  SUPPORTS_BIAS = True
+  CASES = [c for c in base.NA_CASES if c.name in (
+      "1d_even_kernel_dilation", "1d_causal_bias", "2d_bias_even_dilation")]
+
+
+class TestNeighborhoodTritonInterpret(base.NeighborhoodSuite):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CASES = [c for c in base.NA_CASES if c.name in (
+      "1d_causal_dilation", "2d_nonsquare_dilation", "1d_causal_bias")]
+
+
+class TestNeighborhoodTpuInterpret(base.NeighborhoodSuite):
+  IMPL = "pallas_tpu"
+  INTERPRET = True
+  CASES = [c for c in base.NA_CASES if c.name in (
+      "2d_kernel_equals_map",)]
+
+
+class TestRoutingXla(base.RoutingSuite):
+  IMPL = "xla"
+  CASES = base.ROUTING_CASES[:2]
+
+
+class TestRoutingTritonInterpret(base.RoutingSuite):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CASES = base.ROUTING_CASES[1:2]
+
+
+class TestRoutingTpuInterpret(base.RoutingSuite):
+  IMPL = "pallas_tpu"
+  INTERPRET = True
+  CASES = base.ROUTING_CASES[:1]
+
+
+# --- GPU: every case, compiled ---------------------------------------------------
+
+
+@pytest.mark.gpu
+@_GPU
+class TestWindowTritonGpu(base.WindowSuite):
+  IMPL = "pallas_triton"
+
+
+@pytest.mark.gpu
+@_GPU
+class TestNeighborhoodTritonGpu(base.NeighborhoodSuite):
+  IMPL = "pallas_triton"
+
+
+@pytest.mark.gpu
+@_GPU
+class TestRoutingTritonGpu(base.RoutingSuite):
+  IMPL = "pallas_triton"

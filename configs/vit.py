@@ -17,6 +17,12 @@ _ATTENTION_OPTIONS = {
     "sliding_window": dict(window=16, block_size=16),
     "s2": dict(block_size=16, local_blocks=1, vert_stride=2),
     "block_sparse": dict(block_size=16, pattern=None),
+    # sj.vision layer variants, sized for an 8x8 token grid.
+    "maxvit_block": dict(window=4, rel_bias=True),
+    "maxvit_grid": dict(grid=4, rel_bias=True),
+    "neighborhood": dict(kernel_size=3, dilation=1, rel_bias=True),
+    "routing": dict(num_regions=2, topk=2, lepe_kernel=5,
+                    biformer_scale=True),
 }
 
 

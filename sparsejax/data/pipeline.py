@@ -5,6 +5,7 @@ from typing import Any
 import grain
 
 from sparsejax.data import builder_base
+from sparsejax.data import digits
 from sparsejax.data import listops
 from sparsejax.data import mqar
 from sparsejax.data import needle
@@ -15,8 +16,9 @@ from sparsejax.data import transforms
 
 TFDS_PREFIX = "tfds:"
 _BUILDERS = {"mqar": mqar.SjMqar, "needle": needle.SjNeedle,
-             "listops": listops.SjListops, "pathfinder": pathfinder.SjPathfinder}
-NAMES = ("text_corpus", "mqar", "needle", "listops", "pathfinder")
+             "listops": listops.SjListops, "pathfinder": pathfinder.SjPathfinder,
+             "digits": digits.SjDigits}
+NAMES = ("text_corpus", "mqar", "needle", "listops", "pathfinder", "digits")
 # cfg key -> builder param shared by all synthetic tasks.
 _COMMON_KEYS = {"num_examples": "num_train", "num_eval_examples": "num_eval",
                 "data_seed": "seed"}
@@ -148,6 +150,9 @@ def task_info(cfg: Any) -> dict[str, Any]:
   elif name == "listops":
     info.update(vocab_size=listops.VOCAB_SIZE, num_classes=listops.NUM_CLASSES,
                 kind="seq_cls")
+  elif name == "digits":
+    s = 8 * _get(cfg, "upsample", 1)
+    info.update(num_classes=10, kind="image_cls", image_shape=(s, s, 1))
   elif name == "pathfinder":
     s = _get(cfg, "image_size", pathfinder.SjPathfinder.DEFAULTS["image_size"])
     info.update(num_classes=2, kind="image_cls", image_shape=(s, s, 1))

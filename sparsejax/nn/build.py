@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.nn import lm
+from sparsejax.nn import maxvit
 from sparsejax.nn import vit
 
 
@@ -29,8 +30,16 @@ def _vit(model: Mapping[str, Any], attention, info, seq_len, rngs, dtype):
                  rngs=rngs, dtype=dtype, **model)
 
 
+def _maxvit(model: Mapping[str, Any], attention, info, seq_len, rngs, dtype):
+  del seq_len
+  impl = (attention or {}).get("impl", "auto")
+  return maxvit.MaxViT(image_shape=tuple(info["image_shape"]),
+                       num_classes=info["num_classes"], impl=impl, rngs=rngs,
+                       dtype=dtype, **model)
+
+
 MODELS: dict[str, Callable[..., nnx.Module]] = {
-    "lm": _lm, "seq_cls": _seq_cls, "vit": _vit}
+    "lm": _lm, "seq_cls": _seq_cls, "vit": _vit, "maxvit": _maxvit}
 
 
 def build_model(config, task_info: Mapping[str, Any], *, seed: int = 0):

@@ -51,7 +51,7 @@ def test_tile_permutation_inverts():
   np.testing.assert_array_equal(permute.na_tile_unpermute(y, lay), x)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(4))
 def test_na_block_mask_equals_brute_force(seed):
   """The analytic block lists (full/partial/empty) reproduce the NATTEN rule
   element by element, for random maps, kernels, dilations, causal flags."""

@@ -1,0 +1,307 @@
+"""MInference 1.0 prefill patterns, built on device as BlockMasks.
+
+Three patterns (microsoft/MInference `minference_forward.py`), each a
+`Pattern` that turns (q, k) into a kept-block array [B, H, nq, nk] under
+`jit`, always causal with the diagonal kept:
+
+* `AShape(sink, local)`: the first `sink` tokens plus a local band of
+  `local` tokens (StreamingLLM's "A" shape).
+* `VerticalSlash(vertical, slash)`: estimated from the last `last_q` (64)
+  queries against every key (causal among themselves): column sums score
+  vertical lines and sums along each diagonal score slashes; the first
+  `init` (30) columns and the last `local` (100) diagonals are forced in.
+* `BlockSparse(topk)`: mean-pooled q and k blocks, causal pooled q.k, the
+  top-k kv blocks of each q block.
+
+Granularity: MInference's vertical-slash kernel computes the chosen columns
+exactly, gathering K/V rows 64 at a time per q block (a per-query gathered
+column list). The block-sparse core has no such list and its mask functions
+cannot read data, so here the token-level scores are pooled to the core's
+blocks: column scores into kv blocks, diagonal scores into block diagonals
+(a diagonal at offset o = ob * block + t falls (block - t) / block into
+block diagonal ob and t / block into ob + 1), and the top
+ceil(vertical / block) kv blocks and ceil(slash / block) block diagonals are
+kept. The forced columns and diagonals force the blocks that hold them. This
+computes whole blocks where MInference computes lines (more work for the
+same budget, at least its recall), and runs on every kernel of the core.
+
+`search_patterns` is the offline per-head search (MInference v1's
+`search_pattern`): on calibration q/k it measures, per head and candidate,
+the fraction of the dense attention mass the candidate's blocks keep, and
+picks the cheapest candidate above `min_recall`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax.block_sparse import mask_fns
+from sparsejax.block_sparse import masks as masks_lib
+from sparsejax.learned.gate import block_causal, pool_blocks
+
+
+def _blocks(tokens: int, block: int) -> int:
+  return max(1, -(-int(tokens) // block))
+
+
+def _repeat_kv(k, heads):
+  return jnp.repeat(k, heads // k.shape[2], axis=2)
+
+
+def _top_mask(scores, count: int):
+  """bool [..., n]: the `count` largest entries of the last axis."""
+  n = scores.shape[-1]
+  _, idx = jax.lax.top_k(scores, min(count, n))
+  return jax.nn.one_hot(idx, n, dtype=jnp.bool_).any(-2)
+
+
+def _finish(blocks):
+  """AND causal, OR the diagonal."""
+  nq, nk = blocks.shape[-2:]
+  eye = jnp.arange(nq)[:, None] == jnp.arange(nk)[None, :]
+  return (blocks | eye) & block_causal(nq, nk)
+
+
+@dataclasses.dataclass(frozen=True)
+class AShape:
+  """Sink + local band (MInference's search default: 100 + 800 tokens)."""
+  sink: int = 128
+  local: int = 1024
+
+  def blocks(self, q, k, block: int):
+    del k
+    b, lq, h, _ = q.shape
+    n = -(-lq // block)
+    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    keep = (j < _blocks(self.sink, block)) | (i - j < _blocks(self.local,
+                                                              block))
+    return jnp.broadcast_to(_finish(keep), (b, h, n, n))
+
+
+def vertical_slash_scores(q, k, *, last_q: int = 64,
+                          scale: Optional[float] = None):
+  """(vertical [B, H, Lk], slash [B, H, Lk]) from the last `last_q` queries.
+
+  softmax of the last queries against all keys (causal among them: query
+  at position p sees keys <= p); vertical[j] is column j's sum, slash[o] the
+  sum along the diagonal q_pos - kv_pos = o.
+  """
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  last_q = min(last_q, lq)
+  scale = d ** -0.5 if scale is None else scale
+  pos = lq - last_q + jnp.arange(last_q)  # query positions
+  s = jnp.einsum("bqhd,bkhd->bhqk", q[:, -last_q:].astype(jnp.float32),
+                 _repeat_kv(k, h).astype(jnp.float32)) * scale
+  offset = pos[:, None] - jnp.arange(lk)[None, :]  # [last_q, Lk]
+  s = jnp.where(offset >= 0, s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  vertical = p.sum(2)
+  slash = jnp.zeros((b, h, lk), jnp.float32).at[
+      :, :, jnp.clip(offset, 0, lk - 1)].add(jnp.where(offset >= 0, p, 0.0))
+  return vertical, slash
+
+
+@dataclasses.dataclass(frozen=True)
+class VerticalSlash:
+  """Top vertical lines and slashes from the last queries, in blocks.
+
+  vertical / slash are MInference's budgets in tokens (its most common
+  setting: 1000 / 6096); init / local the forced first columns and last
+  diagonals (30 / 100).
+  """
+  vertical: int = 1000
+  slash: int = 6096
+  last_q: int = 64
+  init: int = 30
+  local: int = 100
+
+  def blocks(self, q, k, block: int):
+    lq, lk = q.shape[1], k.shape[1]
+    nq, nk = -(-lq // block), -(-lk // block)
+    vert, slash = vertical_slash_scores(q, k, last_q=self.last_q)
+    pad = nk * block - lk
+    vert = jnp.pad(vert, ((0, 0), (0, 0), (0, pad)))
+    vblock = vert.reshape(*vert.shape[:2], nk, block).sum(-1)
+    o = jnp.arange(lk)
+    ob, t = o // block, (o % block).astype(jnp.float32)
+    sblock = jnp.zeros(slash.shape[:2] + (nk + 1,), jnp.float32)
+    sblock = sblock.at[..., ob].add(slash * (block - t) / block)
+    sblock = sblock.at[..., ob + 1].add(slash * t / block)[..., :nk]
+    # Forced lines force their blocks (+inf wins every top-k).
+    vforced = np.arange(nk) <= (min(self.init, lk) - 1) // block
+    sforced = np.arange(nk) <= -(-(min(self.local, lk) - 1) // block)
+    vkeep = _top_mask(jnp.where(vforced, jnp.inf, vblock),
+                      max(_blocks(self.vertical, block), int(vforced.sum())))
+    skeep = _top_mask(jnp.where(sforced, jnp.inf, sblock),
+                      max(_blocks(self.slash, block), int(sforced.sum())))
+    diag = jnp.clip(jnp.arange(nq)[:, None] - jnp.arange(nk)[None, :], 0,
+                    nk - 1)  # block offset of (qb, kb)
+    keep = vkeep[:, :, None, :] | skeep[:, :, diag]
+    return _finish(keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparse:
+  """Top-k kv blocks per q block by mean-pooled q.k (MInference: 100)."""
+  topk: int = 100
+
+  def blocks(self, q, k, block: int):
+    h, d = q.shape[2], q.shape[3]
+    qp = pool_blocks(q, block, ("avg",))
+    kp = _repeat_kv(pool_blocks(k, block, ("avg",)), h)
+    s = jnp.einsum("bihd,bjhd->bhij", qp, kp) * d ** -0.5
+    nq, nk = s.shape[2:]
+    s = jnp.where(block_causal(nq, nk), s, -jnp.inf)
+    return _finish(_top_mask(s, self.topk))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """Every causal block (a head the search keeps dense)."""
+
+  def blocks(self, q, k, block: int):
+    b, lq, h, _ = q.shape
+    nq, nk = -(-lq // block), -(-k.shape[1] // block)
+    return jnp.broadcast_to(block_causal(nq, nk), (b, h, nq, nk))
+
+
+Pattern = Union[AShape, VerticalSlash, BlockSparse, Dense]
+
+# Spec strings "kind:arg:arg" <-> patterns, for configs and search results.
+PATTERNS: Dict[str, type] = {"a_shape": AShape,
+                             "vertical_slash": VerticalSlash,
+                             "block_sparse": BlockSparse, "dense": Dense}
+
+
+def parse_pattern(spec: Union[str, Pattern]) -> Pattern:
+  """'vertical_slash:1000:6096' -> VerticalSlash(1000, 6096), etc."""
+  if not isinstance(spec, str):
+    return spec
+  kind, *args = spec.split(":")
+  if kind not in PATTERNS:
+    raise ValueError(f"unknown MInference pattern {kind!r}; valid: "
+                     f"{sorted(PATTERNS)}")
+  return PATTERNS[kind](*(int(a) for a in args))
+
+
+def pattern_spec(pattern: Pattern) -> str:
+  name = {v: k for k, v in PATTERNS.items()}[type(pattern)]
+  return ":".join([name] + [str(getattr(pattern, f.name)) for f in
+                            dataclasses.fields(pattern)])
+
+
+def head_blocks(q, k, patterns: Union[Pattern, Sequence[Pattern]], *,
+                block_size: int = 64):
+  """Kept blocks bool [B, H, nq, nk]: head h uses patterns[h] (or one
+  pattern for all heads). Heads sharing a pattern are estimated together."""
+  h = q.shape[2]
+  if not isinstance(patterns, (list, tuple)):
+    patterns = [patterns] * h
+  patterns = [parse_pattern(p) for p in patterns]
+  if len(patterns) != h:
+    raise ValueError(f"patterns has {len(patterns)} entries, q has {h} "
+                     f"heads")
+  kr = _repeat_kv(k, h)
+  parts, order = [], []
+  for pattern in dict.fromkeys(patterns):  # distinct, in first-use order
+    heads = [i for i, p in enumerate(patterns) if p == pattern]
+    sel = np.asarray(heads)
+    parts.append(pattern.blocks(q[:, :, sel], kr[:, :, sel], block_size))
+    order.extend(heads)
+  blocks = jnp.concatenate(parts, axis=1)
+  return blocks[:, np.argsort(order)]
+
+
+def minference_mask(q, k, patterns, *, block_size: int = 64):
+  """A causal `BlockMask` of the per-head patterns (traced under jit)."""
+  masks_lib._check_block_size(block_size)  # pylint: disable=protected-access
+  blocks = head_blocks(q, k, patterns, block_size=block_size)
+  return masks_lib.from_block_mask(blocks, block_size=block_size,
+                                   q_len=q.shape[1], kv_len=k.shape[1],
+                                   mask_fn=mask_fns.Causal())
+
+
+# --- offline per-head search -------------------------------------------------
+
+DEFAULT_CANDIDATES: Tuple[Pattern, ...] = (
+    # MInference v1's candidate list (vertical, slash budgets in tokens),
+    # its A-shape (100 + 800), and a block-sparse one; see dynamic_sparse.md.
+    AShape(100, 800), VerticalSlash(30, 800), VerticalSlash(100, 750),
+    VerticalSlash(500, 700), VerticalSlash(3500, 100),
+    VerticalSlash(1000, 6096), BlockSparse(8))
+
+
+def block_attention_mass(q, k, *, block_size: int = 64,
+                         scale: Optional[float] = None):
+  """Causal attention mass per block, [B, H, nq, nk] (rows sum to 1 per
+  query, so a block row sums to its number of rows). Dense per head: for
+  calibration lengths."""
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  scale = d ** -0.5 if scale is None else scale
+  kr = _repeat_kv(k, h).astype(jnp.float32)
+  nq, nk = -(-lq // block_size), -(-lk // block_size)
+  vis = jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None]
+
+  def one_head(hh):
+    s = jnp.einsum("bqd,bkd->bqk", q[:, :, hh].astype(jnp.float32),
+                   kr[:, :, hh]) * scale
+    p = jax.nn.softmax(jnp.where(vis, s, -jnp.inf), axis=-1)
+    p = jnp.pad(p, ((0, 0), (0, nq * block_size - lq),
+                    (0, nk * block_size - lk)))
+    return p.reshape(b, nq, block_size, nk, block_size).sum((2, 4))
+
+  return jnp.moveaxis(jax.lax.map(one_head, jnp.arange(h)), 0, 1)
+
+
+def search_patterns(q, k, candidates: Sequence[Pattern] = DEFAULT_CANDIDATES,
+                    *, block_size: int = 64, min_recall: float = 0.95,
+                    skip_rows: int = 0):
+  """Per head, the cheapest candidate keeping >= min_recall of the mass.
+
+  Args:
+    q: calibration queries [B, L, H, D] (one layer, after RoPE); k: keys.
+    candidates: patterns to try.
+    block_size: the core's block (64, as MInference).
+    min_recall: attention mass a pattern must keep (rows >= skip_rows).
+    skip_rows: ignore the first query rows (MInference v1: 2500).
+
+  Returns:
+    dict(patterns=[spec per head], recall [H, n_candidates],
+    density [H, n_candidates]) (numpy): the spec strings are what the
+    `minference` layer's `head_patterns` option takes.
+  """
+  mass = block_attention_mass(q, k, block_size=block_size)
+  nq = mass.shape[2]
+  rows = (jnp.arange(nq) * block_size >= skip_rows)[:, None]
+  mass = jnp.where(rows, mass, 0.0)
+  total = mass.sum((0, 2, 3))
+  causal = block_causal(nq, mass.shape[3]).sum()
+  recall, density = [], []
+  for cand in candidates:
+    blocks = cand.blocks(q, k, block_size)
+    recall.append((jnp.where(blocks, mass, 0.0).sum((0, 2, 3)) / total))
+    density.append(blocks.sum((0, 2, 3)) / (causal * blocks.shape[0]))
+  recall = np.asarray(jnp.stack(recall, 1))
+  density = np.asarray(jnp.stack(density, 1))
+  chosen = []
+  for hh in range(recall.shape[0]):
+    ok = np.flatnonzero(recall[hh] >= min_recall)
+    pick = (ok[np.argmin(density[hh, ok])] if ok.size else
+            int(np.argmax(recall[hh])))
+    chosen.append(pattern_spec(candidates[pick]))
+  return dict(patterns=chosen, recall=recall, density=density)
+
+
+def causal_density(blocks) -> float:
+  """Kept fraction of the causal block pairs over the whole array."""
+  nq, nk = blocks.shape[-2:]
+  return float(blocks.sum() / (block_causal(nq, nk).sum() *
+                               math.prod(blocks.shape[:-2])))

@@ -22,6 +22,19 @@ class AttentionMask(nnx.Variable):
   """
 
 
+class StepState(nnx.Variable):
+  """Non-parameter state that the forward updates and the train step keeps
+  (e.g. Routing Transformer k-means centroids): carried in the train state's
+  `model_state` and checkpointed, never differentiated or optimized."""
+
+
+class AuxLoss(nnx.Variable):
+  """A loss term a layer writes during the forward: create it in __init__
+  (`self.aux = AuxLoss(jnp.zeros(()))`, so the graph never changes shape)
+  and assign its value in __call__; the train step adds every AuxLoss to
+  the task loss."""
+
+
 def _init(in_axis, out_axis, scale=1.0):
   return nnx.initializers.variance_scaling(
       scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)

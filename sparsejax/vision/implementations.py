@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 
 from sparsejax.block_sparse import implementations as core_impls
@@ -132,8 +133,10 @@ WINDOW.register(Implementation(
 
 @functools.lru_cache(maxsize=64)
 def na_block_mask(layout, kernel, causal):
-  """Cached: the lists are static data of (layout, kernel, causal)."""
-  return natten.block_mask(layout, kernel, causal)
+  """Cached: the lists are static data of (layout, kernel, causal), built
+  eagerly even when first asked for inside a jit trace."""
+  with jax.ensure_compile_time_eval():
+    return natten.block_mask(layout, kernel, causal)
 
 
 def _na_reference(q, k, v, spec, table, scale, interpret):

@@ -1,0 +1,98 @@
+"""Markdown table and plots of the vision benchmarks (sj rows + torch peers)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+from sparsejax import plotting  # noqa: F401  (selects the Agg backend)
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+
+def load_peers(path):
+  """Rows of .peer/peer_variants.py, in the sj row format."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    data = json.load(f)
+  return [dict(r, contender="torch: " + r["contender"]) for r in
+          data.get("results", []) if "ms" in r]
+
+
+def _key(case):
+  return "na" if case.startswith("na") else case
+
+
+def table(rows, peers) -> str:
+  """One markdown table per case family: ms fwd / fwd+bwd per contender."""
+  out = []
+  grouped = collections.defaultdict(dict)
+  for r in rows + peers:
+    if "ms" not in r:
+      continue
+    cell = grouped[(_key(r["case"]), r["shape"])].setdefault(
+        r["contender"], {})
+    cell[r["bwd"]] = r["ms"]
+    if r.get("memory_mib") is not None and r["bwd"]:
+      cell["mem"] = r["memory_mib"]
+    if r.get("peak_mib") is not None:
+      cell["mem"] = r["peak_mib"]
+  for case in sorted({c for c, _ in grouped}):
+    out += [f"\n### {case}\n", "| shape | contender | fwd ms | fwd+bwd ms | "
+            "memory MiB (fwd+bwd) |", "|---|---|---|---|---|"]
+    for (c, shape), contenders in sorted(grouped.items()):
+      if c != case:
+        continue
+      for name, cell in sorted(contenders.items(),
+                               key=lambda kv: kv[1].get(False, 1e9)):
+        f = cell.get(False)
+        b = cell.get(True)
+        mem = cell.get("mem")
+        out.append(f"| {shape} | {name} | "
+                   f"{'' if f is None else f'{f:.3f}'} | "
+                   f"{'' if b is None else f'{b:.3f}'} | "
+                   f"{'' if mem is None else f'{mem:.0f}'} |")
+  for r in rows:
+    if "error" in r:
+      out.append(f"\nFAILED {r['case']} {r['shape']} {r['contender']} "
+                 f"{'fwd+bwd' if r['bwd'] else 'fwd'}: {r['error']}")
+  return "\n".join(out) + "\n"
+
+
+def plot(rows, peers, path, case):
+  data = [r for r in rows + peers if "ms" in r and _key(r["case"]) == case]
+  if not data:
+    return
+  shapes = sorted({r["shape"] for r in data})
+  names = sorted({r["contender"] for r in data})
+  fig, axes = plt.subplots(1, 2, figsize=(14, 1.2 + 0.9 * len(shapes)))
+  for ax, bwd in zip(axes, (False, True)):
+    h = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+      ys, xs = [], []
+      for j, s in enumerate(shapes):
+        for r in data:
+          if r["contender"] == name and r["shape"] == s and r["bwd"] == bwd:
+            ys.append(j + i * h)
+            xs.append(r["ms"])
+      ax.barh(ys, xs, height=h, label=name)
+    ax.set_yticks([j + 0.4 for j in range(len(shapes))])
+    ax.set_yticklabels(shapes, fontsize=7)
+    if any(r["bwd"] == bwd for r in data):
+      ax.set_xscale("log")
+    ax.set_xlabel("ms (median)")
+    ax.set_title(f"{case} {'forward + backward' if bwd else 'forward'}")
+  axes[1].legend(fontsize=6, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(rows, peers, out_dir):
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(dict(rows=rows, peers=peers), f, indent=1)
+  with open(os.path.join(out_dir, "table.md"), "w") as f:
+    f.write(table(rows, peers))
+  for case in ("maxvit", "na", "biformer"):
+    plot(rows, peers, os.path.join(out_dir, f"{case}.png"), case)

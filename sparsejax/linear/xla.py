@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sparsejax import registry
 from sparsejax.linear.reference import decay_matrix
 
 DEFAULT_CHUNK = 64
@@ -27,8 +28,14 @@ def _pad_time(x, t_pad):
 
 
 def _einsum(spec, a, b, dt):
-  prec = jax.lax.Precision.HIGHEST if a.dtype != jnp.bfloat16 and (
-      a.dtype != jnp.float16) else None
+  """f32-accumulated products; 16-bit operands stay 16-bit on accelerators.
+
+  XLA:CPU lacks some bf16 x bf16 -> f32 dots (in transposes), so on CPU the
+  operands are widened first (same values: widening is exact).
+  """
+  if a.dtype.itemsize < 4 and registry.platform()[0] == "cpu":
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  prec = None if a.dtype.itemsize < 4 else jax.lax.Precision.HIGHEST
   return jnp.einsum(spec, a, b, precision=prec, preferred_element_type=dt)
 
 

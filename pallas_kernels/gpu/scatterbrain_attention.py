@@ -78,9 +78,10 @@ class TuningConfig:
     return w if w is not None else (4 if head_dim <= 64 else 8)
 
 
-def unsupported(dtype, head_dim, block_q, block_kv, num_features, causal):
+def unsupported(dtype, head_dim, block_q, block_kv, num_features, causal,
+                interpret=False):
   """Why this kernel cannot run a problem (None if it can)."""
-  del dtype, causal
+  del dtype, causal, interpret
   if num_features > 256:
     return f"needs at most 256 features, got {num_features}"
   if head_dim > 128 and max(block_q, block_kv) > 64:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
 from sparsejax.block_sparse import masks as masks_lib
@@ -13,6 +14,11 @@ from sparsejax.lowrank import checks
 from sparsejax.lowrank import reference
 from sparsejax.lowrank.implementations import FEATURE_PAD, REGISTRY
 from sparsejax.lowrank.vjp import Config
+
+
+# Jitted: the dense reference is ~100 ops, slow to dispatch one by one.
+_reference = jax.jit(reference.scatterbrain_reference,
+                     static_argnames=("causal", "scale"))
 
 
 def _pad_axis(x, axis, size):
@@ -91,10 +97,10 @@ def scatterbrain_attention(q, k, v, mask: Optional[BlockMask], projection, *,
   m = projection.shape[0]
   bq, bk = mask.block_q, mask.block_kv
   implementation = REGISTRY.resolve(
-      impl, interpret, problem=(q.dtype, d, bq, bk, m, causal))
+      impl, interpret, problem=(q.dtype, d, bq, bk, m, causal, bool(interpret)))
   if implementation.dense:
-    return reference.scatterbrain_reference(q, k, v, user_mask, projection,
-                                            causal=causal, scale=scale)
+    return _reference(q, k, v, user_mask, projection, causal=causal,
+                      scale=scale)
 
   lists = broadcast_lists(mask, b, h)
   if causal:

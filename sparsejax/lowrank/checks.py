@@ -85,9 +85,10 @@ def causal_support(mask: BlockMask) -> None:
     b, h, i, t = np.nonzero(crossing)
     qi = first_q[i][:, None, None] + np.arange(bq)[None, :, None]
     kj = (idx[b, h, i, t] * bk)[:, None, None] + np.arange(bk)[None, None, :]
-    visible = mask.kernel_mask_fn(b[:, None, None], h[:, None, None],
-                                  jnp.asarray(qi), jnp.asarray(kj))
-    visible = np.asarray(jnp.broadcast_to(visible, (len(b), bq, bk)))
+    with jax.ensure_compile_time_eval():  # a concrete check, even under jit
+      visible = mask.kernel_mask_fn(b[:, None, None], h[:, None, None],
+                                    jnp.asarray(qi), jnp.asarray(kj))
+      visible = np.asarray(jnp.broadcast_to(visible, (len(b), bq, bk)))
     bad = visible & (kj > qi) & (qi < mask.q_len) & (kj < mask.kv_len)
     if bad.any():
       n = int(np.argwhere(bad.any((1, 2)))[0, 0])

@@ -1,8 +1,8 @@
 """The Scatterbrain implementations, registered by name.
 
 Each Pallas implementation's `unsupported(dtype, head_dim, block_q,
-block_kv, num_features, causal)` says why it cannot run a call, so `auto`
-falls back (logging the reason) and an explicit impl raises.
+block_kv, num_features, causal, interpret)` says why it cannot run a call,
+so `auto` falls back (logging the reason) and an explicit impl raises.
 """
 
 from sparsejax.registry import Implementation, OpRegistry

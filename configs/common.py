@@ -98,3 +98,9 @@ def add_training_defaults(config: ml_collections.ConfigDict, *, optimizer: dict,
   # report TFLOP/s only).
   config.peak_flops = ml_collections.config_dict.placeholder(float)
   config.progress_bar = True
+  # A regex on parameter paths: only matching params train (e.g. "attn/gate/"
+  # for SeerAttention's distillation); None trains everything.
+  config.trainable = ml_collections.config_dict.placeholder(str)
+  # A workdir whose latest checkpoint's params initialise a new run (the
+  # params it has; e.g. a dense LM under SeerAttention gates).
+  config.init_from = ml_collections.config_dict.placeholder(str)

@@ -34,6 +34,7 @@ picks the cheapest candidate above `min_recall`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -261,6 +262,23 @@ def block_attention_mass(q, k, *, block_size: int = 64,
   return jnp.moveaxis(jax.lax.map(one_head, jnp.arange(h)), 0, 1)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _search_stats(q, k, candidates, block_size, skip_rows):
+  """(recall, density) [H, n_candidates] of every candidate, in one jit."""
+  mass = block_attention_mass(q, k, block_size=block_size)
+  nq = mass.shape[2]
+  rows = (jnp.arange(nq) * block_size >= skip_rows)[:, None]
+  mass = jnp.where(rows, mass, 0.0)
+  total = mass.sum((0, 2, 3))
+  causal = block_causal(nq, mass.shape[3]).sum()
+  recall, density = [], []
+  for cand in candidates:
+    blocks = cand.blocks(q, k, block_size)
+    recall.append(jnp.where(blocks, mass, 0.0).sum((0, 2, 3)) / total)
+    density.append(blocks.sum((0, 2, 3)) / (causal * blocks.shape[0]))
+  return jnp.stack(recall, 1), jnp.stack(density, 1)
+
+
 def search_patterns(q, k, candidates: Sequence[Pattern] = DEFAULT_CANDIDATES,
                     *, block_size: int = 64, min_recall: float = 0.95,
                     skip_rows: int = 0):
@@ -278,19 +296,9 @@ def search_patterns(q, k, candidates: Sequence[Pattern] = DEFAULT_CANDIDATES,
     density [H, n_candidates]) (numpy): the spec strings are what the
     `minference` layer's `head_patterns` option takes.
   """
-  mass = block_attention_mass(q, k, block_size=block_size)
-  nq = mass.shape[2]
-  rows = (jnp.arange(nq) * block_size >= skip_rows)[:, None]
-  mass = jnp.where(rows, mass, 0.0)
-  total = mass.sum((0, 2, 3))
-  causal = block_causal(nq, mass.shape[3]).sum()
-  recall, density = [], []
-  for cand in candidates:
-    blocks = cand.blocks(q, k, block_size)
-    recall.append((jnp.where(blocks, mass, 0.0).sum((0, 2, 3)) / total))
-    density.append(blocks.sum((0, 2, 3)) / (causal * blocks.shape[0]))
-  recall = np.asarray(jnp.stack(recall, 1))
-  density = np.asarray(jnp.stack(density, 1))
+  recall, density = _search_stats(q, k, tuple(candidates), block_size,
+                                  skip_rows)
+  recall, density = np.asarray(recall), np.asarray(density)
   chosen = []
   for hh in range(recall.shape[0]):
     ok = np.flatnonzero(recall[hh] >= min_recall)

@@ -174,7 +174,8 @@ class RoutingTransformerAttention(layers.Attention):
   Heads [0, H - routing_heads) attend a causal window of `local_window`
   tokens; the last `routing_heads` heads route by k-means on their
   un-rotated queries (shared q/k: with `share_qk` the keys are the queries),
-  `num_clusters` clusters of `window` tokens each (`routing.py`). The
+  `num_clusters` clusters of `window` tokens each (`routing.py`; either may
+  be 0: derived from the other as seq_len / it). The
   centroids (as EMA sums and counts) are `StepState`: the train step keeps
   their update; the commitment loss is an `AuxLoss`.
   """
@@ -194,6 +195,11 @@ class RoutingTransformerAttention(layers.Attention):
           f"{routing_heads}")
     if not 0.0 < decay < 1.0:
       raise ValueError(f"decay must be in (0, 1), got {decay}")
+    if not (window or num_clusters):
+      raise ValueError("set window, num_clusters or both (0: derived)")
+    # One of them may be 0: derived from the other and the length (a fixed
+    # num_clusters keeps the centroids' shape across lengths).
+    window = window or seq_len // num_clusters
     num_clusters = num_clusters or max(1, seq_len // window)
     routing_lib._check_window(window, seq_len, num_clusters)  # pylint: disable=protected-access
     local = (sj.masks.sliding_window(

@@ -43,6 +43,42 @@ def unflatten(template: Any, flat: dict[str, Any]) -> Any:
   return jax.tree.unflatten(treedef, [flat[_name(p)] for p, _ in paths])
 
 
+def restore_matching(params: Any, directory: str,
+                     step: Optional[int] = None) -> Any:
+  """`params` with every leaf that another run's checkpoint also has.
+
+  For starting a model from a related run (SeerAttention's gates on a dense
+  LM): a leaf is taken when the checkpoint holds "params/<its path>" with
+  the same shape; the others (the gates) keep their values. Raises
+  FileNotFoundError without a checkpoint, ValueError on a shape mismatch or
+  when nothing matches.
+  """
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  item_names=("state", "data"))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  saved = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  manager.close()
+  flat, taken = flatten(params), 0
+  for path, leaf in flat.items():
+    value = saved.get("params/" + path)
+    if value is None:
+      continue
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise ValueError(f"init_from: params/{path} has shape {value.shape} in "
+                       f"{directory}, the model has {leaf.shape}")
+    flat[path] = jax.device_put(value, getattr(leaf, "sharding", None))
+    taken += 1
+  if not taken:
+    raise ValueError(f"init_from: no parameter of the model is in "
+                     f"{directory} (step {step})")
+  logging.info("init_from: %d of %d params from %s step %d", taken,
+               len(flat), directory, step)
+  return unflatten(params, flat)
+
+
 class Checkpointer:
   """Save every `every` steps, keep the newest `keep`, resume exactly."""
 

@@ -1,13 +1,20 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`.
 
-The model is an NNX module split once into (graphdef, params, consts);
-the step is a pure function of arrays, `jax.jit`ted with donated state and
-explicit shardings. consts holds the static attention masks (never
-differentiated, never donated, never checkpointed).
+The model is an NNX module split once into (graphdef, params, model_state,
+consts); the step is a pure function of arrays, `jax.jit`ted with donated
+state and explicit shardings. consts holds the static attention masks (never
+differentiated, never donated, never checkpointed). model_state holds the
+`StepState` variables a forward updates (k-means centroids): carried and
+checkpointed in the train state, never differentiated. Layers may write
+`AuxLoss` terms, which the step adds to the task loss. `config.trainable`
+(a regex on parameter paths, e.g. "attn/gate/") trains only the matching
+params; `config.init_from` starts a new run from another run's params (e.g. a dense
+checkpoint for SeerAttention's gate distillation).
 """
 
 import functools
 import os
+import re
 from typing import Any, Optional
 
 from absl import logging
@@ -18,6 +25,7 @@ from flax import nnx
 
 from sparsejax import data
 from sparsejax import nn
+from sparsejax.nn.layers import AuxLoss, StepState
 from sparsejax.training import checkpoints
 from sparsejax.training import metrics as metrics_lib
 from sparsejax.training import optimizer as optimizer_lib
@@ -42,8 +50,11 @@ class Experiment:
     model = nn.build_model(config, self.info, seed=config.seed)
     self.flops_per_token = model.flops_per_token()
     self.tokens_per_example = model.seq_len
-    self.graphdef, params, consts = nnx.split(model, nnx.Param, ...)
+    self.graphdef, params, model_state, consts = nnx.split(
+        model, nnx.Param, StepState, ...)
     self.tx = optimizer_lib.make_optimizer(config.optimizer)
+    self.trainable = config.get("trainable")
+    self.model_state = model_state
     abstract = jax.eval_shape(self._init_state, params)
     self.state_shardings = sharding.param_shardings(abstract, self.mesh)
     self.init_state = jax.jit(self._init_state,
@@ -52,13 +63,14 @@ class Experiment:
     self.consts = jax.device_put(consts,
                                  sharding.replicated(consts, self.mesh))
     self.train_step = jax.jit(
-        functools.partial(train_step, self.graphdef, self.tx, self.task),
+        functools.partial(train_step, self.graphdef, self.tx, self.task,
+                          trainable=self.trainable),
         donate_argnums=(0,), out_shardings=(self.state_shardings, None))
     self.eval_step = jax.jit(
         functools.partial(_eval_step, self.graphdef, self.task))
 
   def _init_state(self, params):
-    return init_state(self.tx, params)
+    return init_state(self.tx, params, self.model_state, self.trainable)
 
   def iterator(self, split: str, *, batch_size: int, num_epochs=None):
     """This process's shard of a data split, as a grain iterator."""
@@ -71,12 +83,14 @@ class Experiment:
         shard_index=jax.process_index(), shard_count=jax.process_count(),
         num_epochs=num_epochs)
 
-  def evaluate(self, params) -> dict:
-    """Eval metrics over `config.eval_steps` batches of the eval split."""
+  def evaluate(self, params, model_state=None) -> dict:
+    """Eval metrics over `config.eval_steps` batches of the eval split
+    (model_state: the train state's, default the initial one)."""
     sums = None
+    model_state = self.model_state if model_state is None else model_state
     eval_it = self.iterator("eval", batch_size=self.config.eval_batch_size)
     for _, batch in zip(range(self.config.eval_steps), eval_it):
-      out = self.eval_step(params, self.consts,
+      out = self.eval_step(params, (self.consts, model_state),
                            sharding.shard_batch(batch, self.mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     if sums is None:
@@ -93,33 +107,72 @@ class Experiment:
 
 
 def _forward_sums(graphdef, task, params, consts, batch):
-  model = nnx.merge(graphdef, params, consts)
+  """consts: a State, or a tuple of States (consts, model_state)."""
+  consts = consts if isinstance(consts, tuple) else (consts,)
+  model = nnx.merge(graphdef, params, *consts)
   return task.metric_sums(model(task.inputs(batch)), batch)
 
 
-def init_state(tx, params):
-  """The train state: step counter, params and optimizer state."""
+def _split_trainable(params, trainable: Optional[str]):
+  """(trained, frozen) params: paths matching the `trainable` regex train."""
+  if not trainable:
+    return params, None
+  rx = re.compile(trainable)
+  match = lambda path, _: bool(rx.search("/".join(map(str, path))))
+  trained, frozen = nnx.split_state(params, match, ...)
+  if not jax.tree.leaves(trained):
+    raise ValueError(f"trainable={trainable!r} matches no parameter path")
+  return trained, frozen
+
+
+def init_state(tx, params, model_state=None, trainable=None):
+  """The train state: step counter, params, optimizer state (of the
+  trainable params) and the model's StepState variables."""
+  trained, _ = _split_trainable(params, trainable)
   return dict(step=jnp.zeros((), jnp.int32), params=params,
-              opt_state=tx.init(params))
+              opt_state=tx.init(trained),
+              model_state=nnx.State({}) if model_state is None
+              else model_state)
 
 
-def train_step(graphdef, tx, task, state, consts, batch):
+def train_step(graphdef, tx, task, state, consts, batch, *, trainable=None):
   """One AdamW step; returns the new state and scalar metrics.
 
   Pure: jit it with `functools.partial(train_step, graphdef, tx, task)`.
   Params do not depend on the sequence length (RoPE), so one state can step
   through models of several lengths (a graphdef and consts per length).
+  The loss is the task loss plus every `AuxLoss` value; the `StepState`
+  variables the forward updated become the new state's model_state.
+  `trainable` (a path regex) restricts the gradient and the update to the
+  matching params (the others stay frozen and cost no backward pass).
   """
+  # A graphdef split without StepState (e.g. needle_long's) carries the
+  # initial StepState in consts: take it from there until the state has one.
+  initial, consts = nnx.split_state(consts, StepState, ...)
+  model_state = state.get("model_state") or initial
+  trained, frozen = _split_trainable(state["params"], trainable)
 
-  def loss_fn(params):
-    sums = _forward_sums(graphdef, task, params, consts, batch)
-    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+  def loss_fn(trained):
+    params = trained if frozen is None else nnx.merge_state(trained, frozen)
+    # Fresh Variables at this trace level, so the forward may write its
+    # StepState and AuxLoss values (nnx forbids writes across levels).
+    fresh = lambda tree: jax.tree.map(lambda x: x, tree)
+    model = nnx.merge(graphdef, params, fresh(consts), fresh(model_state))
+    sums = task.metric_sums(model(task.inputs(batch)), batch)
+    loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+    aux = sum(jnp.sum(x) for x in jax.tree.leaves(nnx.state(model, AuxLoss)))
+    new_model_state = jax.lax.stop_gradient(nnx.state(model, StepState))
+    return loss + aux, (loss, aux, new_model_state)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state)
-  return new_state, dict(loss=loss, grad_norm=optax.tree.norm(grads),
+  (_, (loss, aux, new_model_state)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(trained)
+  updates, opt_state = tx.update(grads, state["opt_state"], trained)
+  trained = optax.apply_updates(trained, updates)
+  params = trained if frozen is None else nnx.merge_state(trained, frozen)
+  new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state,
+                   model_state=new_model_state)
+  return new_state, dict(loss=loss, aux_loss=jnp.asarray(aux, jnp.float32),
+                         grad_norm=optax.tree.norm(grads),
                          param_norm=optax.tree.norm(params),
                          update_norm=optax.tree.norm(updates))
 
@@ -155,6 +208,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
   train_it = exp.iterator("train", batch_size=config.batch_size)
   state = exp.init_state(exp.params)
   restored, step = ckpt.restore(state, train_it)
+  if restored is None and config.get("init_from"):
+    state["params"] = checkpoints.restore_matching(
+        state["params"], os.path.join(config.init_from, "checkpoints"))
   state, step = (restored, step) if restored is not None else (state, 0)
   total = config.num_train_steps
   last = total if max_steps is None else min(total, max_steps)
@@ -181,7 +237,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
       writer.progress(step, dict(loss=values["loss"],
                                  tok_s=values["tokens_per_s"]))
     if step % config.eval_every == 0 or step == total:
-      eval_metrics = exp.evaluate(state["params"])
+      eval_metrics = exp.evaluate(state["params"], state["model_state"])
       writer.write(step, eval_metrics, prefix="eval/")
       timer.reset(step)  # eval time is not step time
     ckpt.save(step, state, train_it, force=step == last)
@@ -189,7 +245,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
   ckpt.close()
   writer.close()
   if not eval_metrics:  # e.g. resumed at the end, or stopped early
-    eval_metrics = exp.evaluate(state["params"])
+    eval_metrics = exp.evaluate(state["params"], state["model_state"])
   logging.info("final eval at step %d: %s", step, eval_metrics)
   return dict(eval=eval_metrics, history=history, step=step)
 
@@ -216,4 +272,5 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None,
   """Eval metrics of the checkpoint at `step` (default: latest) in workdir."""
   exp = Experiment(config, devices)
   state, step = restore_state(exp, workdir, step)
-  return dict(step=step, **exp.evaluate(state["params"]))
+  return dict(step=step, **exp.evaluate(state["params"],
+                                        state["model_state"]))

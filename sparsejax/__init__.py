@@ -12,7 +12,9 @@ kernels in pallas_kernels/, behind one `impl=` argument):
 
 from sparsejax.block_sparse import mask_fns
 from sparsejax.block_sparse import masks
+from sparsejax.block_sparse import score_mods
 from sparsejax.block_sparse.api import attention
+from sparsejax.block_sparse.dot_product_attention import dot_product_attention
 from sparsejax.block_sparse.block_mask import BlockMask
 from sparsejax.block_sparse.reference import attention_reference
 from sparsejax.registry import target_platform
@@ -23,6 +25,7 @@ from sparsejax import lowrank
 from sparsejax import vision
 
 __all__ = ["attention", "attention_reference", "BlockMask", "masks",
-           "mask_fns", "target_platform", "inference", "learned", "linear", "lowrank",
+           "mask_fns", "score_mods", "dot_product_attention",
+           "target_platform", "inference", "learned", "linear", "lowrank",
            "vision"]
 __version__ = "0.1.0"

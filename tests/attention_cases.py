@@ -1,9 +1,11 @@
 """Shapes and masks that every implementation is checked on."""
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 import sparsejax as sj
 
@@ -28,6 +30,64 @@ class Case:
   head_dim: int
   make_mask: Callable[[], Optional[sj.BlockMask]]
   soft_cap: Optional[float] = None
+  # key -> a score mod with random parameters, or None.
+  make_mod: Optional[Callable[[Any], Any]] = None
+  # () -> (q ids [B, Lq], kv ids [B, Lk]) numpy int32, or None.
+  make_segments: Optional[Callable[[], Any]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Temperature(sj.score_mods.ScoreMod):
+  """A user-written, non-additive mod: score * temp[h] (d/d score = temp[h],
+  so the backward takes the jvp path), with its own kernel statistics."""
+  temp: Any
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return score * self.temp[h]
+
+  @property
+  def num_stats(self):
+    return 1
+
+  def tile_stats(self, g, score, b, h, q_idx, kv_idx, width):
+    return sj.score_mods.bucket(width, 0, jnp.sum(g * score))
+
+  def stats_to_grads(self, stats):
+    return (stats[..., 0].sum(0),)
+
+
+def packed_ids(batch_docs, length, pad=None):
+  """[B, length] int32 ids from per-example document lengths (then `pad`)."""
+  rows = []
+  for docs in batch_docs:
+    ids = np.concatenate([np.full(n, i, np.int32) for i, n in
+                          enumerate(docs)])
+    rows.append(np.concatenate([ids, np.full(length - ids.size, pad,
+                                             np.int32)]))
+  return np.stack(rows)
+
+
+def _padded_segments():
+  # Example 0: three documents and 5 padding tokens (q pad -1, kv pad -2:
+  # fully masked query rows); example 1: two documents, no padding.
+  q = packed_ids([(13, 22, 10), (30, 20)], 50, pad=-1)
+  kv = np.where(q == -1, -2, q)
+  return q, kv
+
+
+def _two_docs(length, split):
+  ids = packed_ids([(split, length - split)], length)
+  return ids, ids
+
+
+def _cross_segments():
+  # q and kv lengths differ; blocks holding one id, two ids and no match.
+  return (packed_ids([(10, 17, 13)], 40),
+          packed_ids([(20, 6, 30)], 56))
+
+
+def _uniform(lo, hi, shape):
+  return lambda key: jax.random.uniform(key, shape, jnp.float32, lo, hi)
 
 
 def empty_row_blocks(block=32, length=120):
@@ -59,4 +119,24 @@ CASES = [
                                 vert_stride=2))
          & sj.masks.causal(128, block_size=32)),
 ]
-CASES_BY_NAME = {c.name: c for c in CASES}
+
+# Score mods and segment ids (float64-checked like the rest, tiny shapes).
+MOD_CASES = [
+    Case("segments_causal_gqa_padding", 2, 50, 50, 4, 2, 16,
+         lambda: sj.masks.causal(50, block_size=16),
+         make_segments=_padded_segments),
+    Case("alibi_softcap_causal_mqa", 1, 45, 45, 2, 1, 16,
+         lambda: sj.masks.causal(45, block_size=16), 5.0,
+         make_mod=lambda key: sj.score_mods.Alibi(
+             _uniform(0.05, 0.5, (2,))(key))),
+    Case("relative_bias_s2_segments", 1, 64, 64, 2, 2, 16,
+         lambda: sj.masks.s2(64, 2, block_size=16, local_blocks=2,
+                             vert_stride=2),
+         make_mod=lambda key: sj.score_mods.RelativeBias(
+             jax.random.normal(key, (2, 9))),
+         make_segments=lambda: _two_docs(64, 37)),
+    Case("user_mod_cross_segments", 1, 40, 56, 2, 2, 16, lambda: None,
+         make_mod=lambda key: Temperature(_uniform(0.5, 2.0, (2,))(key)),
+         make_segments=_cross_segments),
+]
+CASES_BY_NAME = {c.name: c for c in CASES + MOD_CASES}

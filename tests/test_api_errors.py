@@ -30,8 +30,27 @@ KV = jnp.ones((1, 64, 2, 32))
      r"built for \(q_len, kv_len\) = \(128, 128\)"),
     ((Q, KV, KV), {"mask": sj.masks.s2(64, 8, block_size=16, local_blocks=1,
                                        vert_stride=2)}, ValueError,
-     "head dimension must be 1 or 4"),
-    ((Q, KV, KV), {"soft_cap": -1.0}, ValueError, "soft_cap must be positive"),
+     "head dimension must be 1 .shared by every head. or 4"),
+    ((Q, KV, KV), {"soft_cap": -1.0}, ValueError,
+     "soft_cap must be a finite positive"),
+    ((Q, KV, KV), {"scale": float("nan")}, ValueError,
+     "scale must be a finite number, got nan"),
+    ((Q, KV, KV), {"scale": float("inf")}, ValueError,
+     "scale must be a finite number"),
+    ((Q, KV, KV), {"scale": "big"}, TypeError, "scale must be a real number"),
+    ((Q, KV, KV), {"mask": sj.masks.from_mask_fn(
+        sj.mask_fns.Causal(), q_len=64, batch=3, block_size=16)}, ValueError,
+     r"built for batch 3 but q has batch 1: a mask's batch dimension must be"
+     r" 1 \(one mask shared by every example\) or 1"),
+    ((Q, KV, KV), {"score_mod": lambda s, b, h, q, kv: s}, TypeError,
+     "score_mod must be None or a frozen dataclass"),
+    ((Q, KV, KV), {"q_segment_ids": jnp.zeros((1, 63), jnp.int32)},
+     ValueError, r"q_segment_ids must be \[batch=1, len=64\]"),
+    ((Q, KV, KV), {"q_segment_ids": jnp.zeros((1, 64))}, TypeError,
+     "q_segment_ids must be an integer array"),
+    ((Q, KV[:, :32], KV[:, :32]),
+     {"q_segment_ids": jnp.zeros((1, 64), jnp.int32)}, ValueError,
+     r"kv_segment_ids is needed when q_len \(64\) != kv_len \(32\)"),
 ])
 def test_bad_input(args, kwargs, err, match):
   with pytest.raises(err, match=match):

@@ -23,8 +23,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from sparsejax.block_sparse import block_math
+from sparsejax.block_sparse import score_mods
 from sparsejax.block_sparse.block_mask import next_power_of_2
-from sparsejax.block_sparse.vjp import make_vjp
+from sparsejax.block_sparse.vjp import make_vjp, walked_lists
 
 
 
@@ -93,13 +94,6 @@ def validate_blocks(block_q: int, block_kv: int, head_dim: int) -> None:
                      f"{head_dim}")
 
 
-def _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
-  out = [(fc_ref, fi_ref, None)]
-  if cfg.mask_fn is not None:
-    out.append((pc_ref, pi_ref, cfg.mask_fn))
-  return out
-
-
 def _walk(cnt_ref, idx_ref, block, sub, body, carry):
   """Runs body(start, carry) over every `sub`-sized tile of the listed blocks.
 
@@ -125,50 +119,96 @@ def _program_ids(nq_rev: Optional[int]):
   return b, h, i
 
 
+# --- operands ----------------------------------------------------------------
+#
+# Every pallas_call takes (walked lists, tensors, segment ids, mod params) in
+# an order given by a tuple of names; kernels get the refs back as a dict.
+
+
+def _list_names(cfg, suffix=""):
+  return [f"{name}_{part}{suffix}" for name, _, _ in walked_lists(cfg)
+          for part in ("counts", "idx")]
+
+
+def _list_specs(lists, names, index):
+  """BlockSpecs of the count / index-list operands `names`."""
+  specs = []
+  for n in names:
+    if "_counts" in n:
+      specs.append(pl.BlockSpec((None, None, None), index))
+    else:
+      specs.append(pl.BlockSpec((None, None, None, lists[n].shape[-1]),
+                                lambda *g: index(*g) + (0,)))
+  return specs
+
+
+def _param_specs(params):
+  """Mod params as whole-array operands (tables are gathered from refs)."""
+  return [pl.BlockSpec(p.shape, lambda *g, n=p.ndim: (0,) * n)
+          for p in params]
+
+
+def _param_names(params):
+  return [f"param{j}" for j in range(len(params))]
+
+
+def _mod(cfg, refs):
+  n = 0 if cfg.score_mod is None else cfg.score_mod.num_leaves
+  return score_mods.rebuild(cfg.score_mod,
+                            [refs[f"param{j}"] for j in range(n)])
+
+
+def _tile(cfg, mod, refs, b, h, q_start, kv_start, bq, bk, use_fn, use_ids,
+          q_seg=None, kv_seg=None):
+  """(element mask or None, mod coordinates or None) of one tile."""
+  ids = (q_seg, kv_seg) if use_ids else None
+  vis = block_math.element_mask(cfg.mask_fn if use_fn else None, b, h,
+                                q_start, kv_start, bq, bk, cfg.kv_len,
+                                cfg.kv_len % cfg.block_kv != 0, ids)
+  at = (None if mod is None else
+        block_math.coords(b, h, q_start, kv_start, bq, bk))
+  return vis, at
+
+
 # --- forward ----------------------------------------------------------------
 
 
-def _fwd_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, o_ref,
-                lse_ref, *, cfg, nq, sk):
+def _fwd_kernel(*refs, names, cfg, nq, sk):
+  r = dict(zip(names, refs))
   bq, bk = cfg.block_q, cfg.block_kv
   b, h, i = _program_ids(nq)
-  ragged = cfg.kv_len % bk != 0
-  q = q_ref[...]
+  mod = _mod(cfg, r)
+  q = r["q"][...]
+  q_seg = r["q_seg"][...] if cfg.segments else None
   carry = (jnp.full((bq,), -jnp.inf, jnp.float32),
            jnp.zeros((bq,), jnp.float32),
-           jnp.zeros((bq, v_ref.shape[-1]), jnp.float32))
-  for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
+           jnp.zeros((bq, r["v"].shape[-1]), jnp.float32))
+  for name, use_fn, use_ids in walked_lists(cfg):
 
-    def body(start, c, fn=fn):
-      s = block_math.scores(q, k_ref[pl.ds(start, sk), :], cfg.scale,
-                            cfg.soft_cap)
-      vis = block_math.element_mask(fn, b, h, i * bq, start, bq, sk,
-                                    cfg.kv_len, ragged)
-      return block_math.online_softmax_step(s, v_ref[pl.ds(start, sk), :], *c,
-                                            vis)
+    def body(start, c, use_fn=use_fn, use_ids=use_ids):
+      kv_seg = r["kv_seg"][pl.ds(start, sk)] if use_ids else None
+      vis, at = _tile(cfg, mod, r, b, h, i * bq, start, bq, sk, use_fn,
+                      use_ids, q_seg, kv_seg)
+      s = block_math.scores(q, r["k"][pl.ds(start, sk), :], cfg.scale,
+                            cfg.soft_cap, mod, at)
+      return block_math.online_softmax_step(s, r["v"][pl.ds(start, sk), :],
+                                            *c, vis)
 
-    carry = _walk(cnt_ref, idx_ref, bk, sk, body, carry)
-  out, lse = block_math.finalize(*carry, o_ref.dtype)
-  o_ref[...] = out
-  lse_ref[...] = lse
-
-
-def _list_specs(width_f, width_p, index):
-  """BlockSpecs of (full count, full idx, partial count, partial idx)."""
-  cnt = pl.BlockSpec((None, None, None), lambda *g: index(*g))
-  return [cnt, pl.BlockSpec((None, None, None, width_f),
-                            lambda *g: index(*g) + (0,)),
-          cnt, pl.BlockSpec((None, None, None, width_p),
-                            lambda *g: index(*g) + (0,))]
+    carry = _walk(r[f"{name}_counts"], r[f"{name}_idx"], bk, sk, body, carry)
+  out, lse = block_math.finalize(*carry, r["o"].dtype)
+  r["o"][...] = out
+  r["lse"][...] = lse
 
 
-def _pad_width(idx):
-  w = next_power_of_2(idx.shape[-1])
-  return jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, w - idx.shape[-1])],
-                 mode="edge")
+def _seg_specs(cfg, row_block, row_index, all_len, all_index):
+  """(q or kv) ids of the program's own block, and the walked side's row."""
+  if not cfg.segments:
+    return []
+  return [pl.BlockSpec((None, row_block), row_index),
+          pl.BlockSpec((None, all_len), all_index)]
 
 
-def forward(q, k, v, lists, cfg):
+def forward(q, k, v, lists, params, cfg):
   b, lq, h, d = q.shape
   lk, hkv = k.shape[1], k.shape[2]
   group = h // hkv
@@ -176,23 +216,28 @@ def forward(q, k, v, lists, cfg):
   nq = lq // bq
   validate_blocks(bq, cfg.block_kv, d)
   tuning = cfg.tuning or TuningConfig()
-  fi, pi = lists["full_idx"], lists["partial_idx"]
   row = lambda i, hh, bb: (bb, hh, nq - 1 - i)
-  in_specs = _list_specs(fi.shape[-1], pi.shape[-1], row) + [
+  lnames = _list_names(cfg)
+  segs = ["q_seg", "kv_seg"] if cfg.segments else []
+  names = (*lnames, "q", "k", "v", *segs, *_param_names(params), "o", "lse")
+  in_specs = _list_specs(lists, lnames, row) + [
       pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, nq - 1 - i, hh,
                                                            0)),
       pl.BlockSpec((None, lk, None, d), lambda i, hh, bb: (bb, 0, hh // group,
                                                            0)),
       pl.BlockSpec((None, lk, None, d), lambda i, hh, bb: (bb, 0, hh // group,
                                                            0)),
-  ]
+  ] + _seg_specs(cfg, bq, lambda i, hh, bb: (bb, nq - 1 - i), lk,
+                 lambda i, hh, bb: (bb, 0)) + _param_specs(params)
   out_specs = [
       pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, nq - 1 - i, hh,
                                                            0)),
       pl.BlockSpec((None, None, bq), row),
   ]
+  seg_args = ([lists["q_segments"], lists["kv_segments"]] if cfg.segments
+              else [])
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg, nq=nq,
+      functools.partial(_fwd_kernel, names=names, cfg=cfg, nq=nq,
                         sk=tuning.sub("sub_kv_fwd", cfg.block_kv)),
       grid=(nq, h, b),
       in_specs=in_specs,
@@ -203,58 +248,68 @@ def forward(q, k, v, lists, cfg):
           num_warps=tuning.warps("fwd", d), num_stages=tuning.stages_fwd(d)),
       interpret=cfg.interpret,
       name="sparsejax_block_sparse_fwd",
-  )(lists["full_counts"], fi, lists["partial_counts"], pi, q, k, v)
+  )(*[lists[n] for n in lnames], q, k, v, *seg_args, *params)
 
 
-# --- backward: dQ over row lists --------------------------------------------
+# --- backward: dQ (and the score mod's statistics) over row lists ------------
 
 
-def _dq_kernel(fc_ref, fi_ref, pc_ref, pi_ref, q_ref, k_ref, v_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, cfg, nq, sk):
+def _dq_kernel(*refs, names, cfg, nq, sk, width):
+  r = dict(zip(names, refs))
   bq, bk = cfg.block_q, cfg.block_kv
   b, h, i = _program_ids(nq)
-  ragged = cfg.kv_len % bk != 0
-  q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
-  dq = jnp.zeros(q.shape, jnp.float32)
+  mod = _mod(cfg, r)
+  q, do = r["q"][...], r["do"][...]
+  lse, delta = r["lse"][...], r["delta"][...]
+  q_seg = r["q_seg"][...] if cfg.segments else None
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((width,), jnp.float32))
   prec = block_math.dot_precision(q.dtype)
-  for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
+  for name, use_fn, use_ids in walked_lists(cfg):
 
-    def body(start, acc, fn=fn):
-      k = k_ref[pl.ds(start, sk), :]
-      vis = block_math.element_mask(fn, b, h, i * bq, start, bq, sk,
-                                    cfg.kv_len, ragged)
-      _, ds = block_math.probs_and_dscores(q, k, v_ref[pl.ds(start, sk), :],
-                                           do, lse, delta, cfg.scale,
-                                           cfg.soft_cap, vis)
-      return acc + jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
-                               preferred_element_type=jnp.float32)
+    def body(start, c, use_fn=use_fn, use_ids=use_ids):
+      k = r["k"][pl.ds(start, sk), :]
+      kv_seg = r["kv_seg"][pl.ds(start, sk)] if use_ids else None
+      vis, at = _tile(cfg, mod, r, b, h, i * bq, start, bq, sk, use_fn,
+                      use_ids, q_seg, kv_seg)
+      s_raw = block_math.raw_scores(q, k)
+      _, g, ds = block_math.grads_from_raw(
+          s_raw, r["v"][pl.ds(start, sk), :], do, lse, delta, cfg.scale,
+          cfg.soft_cap, vis, mod, at)
+      stats = c[1]
+      if width:
+        stats = stats + mod.tile_stats(g, s_raw * cfg.scale, *at, width)
+      return (c[0] + jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
+                                 preferred_element_type=jnp.float32), stats)
 
-    dq = _walk(cnt_ref, idx_ref, bk, sk, body, dq)
-  dq_ref[...] = dq.astype(dq_ref.dtype)
+    carry = _walk(r[f"{name}_counts"], r[f"{name}_idx"], bk, sk, body, carry)
+  r["dq"][...] = carry[0].astype(r["dq"].dtype)
+  if width:
+    r["stats"][...] = carry[1]
 
 
 # --- backward: dK/dV over column lists --------------------------------------
 
 
-def _dkv_kernel(fc_ref, fi_ref, pc_ref, pi_ref, k_ref, v_ref, q_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, *, cfg, sq):
+def _dkv_kernel(*refs, names, cfg, sq):
+  r = dict(zip(names, refs))
   bq, bk = cfg.block_q, cfg.block_kv
   b, h, j = _program_ids(None)
-  ragged = cfg.kv_len % bk != 0
-  k, v = k_ref[...], v_ref[...]
+  mod = _mod(cfg, r)
+  k, v = r["k"][...], r["v"][...]
+  kv_seg = r["kv_seg"][...] if cfg.segments else None
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   prec = block_math.dot_precision(k.dtype)
-  for cnt_ref, idx_ref, fn in _row_lists(fc_ref, fi_ref, pc_ref, pi_ref, cfg):
+  for name, use_fn, use_ids in walked_lists(cfg):
 
-    def body(qs, c, fn=fn):
-      q = q_ref[pl.ds(qs, sq), :]
-      do = do_ref[pl.ds(qs, sq), :]
-      vis = block_math.element_mask(fn, b, h, qs, j * bk, sq, bk, cfg.kv_len,
-                                    ragged)
-      p, ds = block_math.probs_and_dscores(
-          q, k, v, do, lse_ref[pl.ds(qs, sq)], delta_ref[pl.ds(qs, sq)],
-          cfg.scale, cfg.soft_cap, vis)
+    def body(qs, c, use_fn=use_fn, use_ids=use_ids):
+      q = r["q"][pl.ds(qs, sq), :]
+      do = r["do"][pl.ds(qs, sq), :]
+      q_seg = r["q_seg"][pl.ds(qs, sq)] if use_ids else None
+      vis, at = _tile(cfg, mod, r, b, h, qs, j * bk, sq, bk, use_fn, use_ids,
+                      q_seg, kv_seg)
+      p, _, ds = block_math.probs_and_grads(
+          q, k, v, do, r["lse"][pl.ds(qs, sq)], r["delta"][pl.ds(qs, sq)],
+          cfg.scale, cfg.soft_cap, vis, mod, at)
       dk = c[0] + jax.lax.dot_general(
           ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), precision=prec,
           preferred_element_type=jnp.float32)
@@ -263,12 +318,27 @@ def _dkv_kernel(fc_ref, fi_ref, pc_ref, pi_ref, k_ref, v_ref, q_ref, do_ref,
           preferred_element_type=jnp.float32)
       return dk, dv
 
-    carry = _walk(cnt_ref, idx_ref, bq, sq, body, carry)
-  dk_ref[...] = carry[0].astype(dk_ref.dtype)
-  dv_ref[...] = carry[1].astype(dv_ref.dtype)
+    carry = _walk(r[f"{name}_counts_t"], r[f"{name}_idx_t"], bq, sq, body,
+                  carry)
+  r["dk"][...] = carry[0].astype(r["dk"].dtype)
+  r["dv"][...] = carry[1].astype(r["dv"].dtype)
 
 
-def backward(q, k, v, out, lse, do, delta, lists, cfg):
+def _param_grads(cfg, params, stats):
+  """Cotangents of the mod's params from the dQ programs' stats rows."""
+  mod = score_mods.rebuild(cfg.score_mod, params)
+  stats = score_mods.tree_sum(stats[..., :mod.num_stats], 2)  # over q blocks
+  return tuple(mod.stats_to_grads(stats))
+
+
+def _stats_width(cfg, params) -> int:
+  if cfg.score_mod is None:
+    return 0
+  n = score_mods.rebuild(cfg.score_mod, params).num_stats
+  return next_power_of_2(n) if n else 0
+
+
+def backward(q, k, v, out, lse, do, delta, lists, params, cfg):
   del out
   b, lq, h, d = q.shape
   lk, hkv = k.shape[1], k.shape[2]
@@ -277,32 +347,50 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   nq, nk = lq // bq, lk // bk
   validate_blocks(bq, bk, d)
   tuning = cfg.tuning or TuningConfig()
-  params = pltriton.CompilerParams(num_warps=tuning.warps("bwd", d),
-                                   num_stages=tuning.num_stages_bwd)
+  compiler = pltriton.CompilerParams(num_warps=tuning.warps("bwd", d),
+                                     num_stages=tuning.num_stages_bwd)
   do = do.astype(q.dtype)
+  segs = ["q_seg", "kv_seg"] if cfg.segments else []
+  seg_args = ([lists["q_segments"], lists["kv_segments"]] if cfg.segments
+              else [])
+  pnames = _param_names(params)
+  width = _stats_width(cfg, params)
 
-  fi, pi = lists["full_idx"], lists["partial_idx"]
   row = lambda i, hh, bb: (bb, hh, nq - 1 - i)
   q_blk = pl.BlockSpec((None, bq, None, d),
                        lambda i, hh, bb: (bb, nq - 1 - i, hh, 0))
   kv_all = pl.BlockSpec((None, lk, None, d),
                         lambda i, hh, bb: (bb, 0, hh // group, 0))
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, nq=nq,
-                        sk=tuning.sub("sub_kv_dq", bk)),
+  lnames = _list_names(cfg)
+  out_names = ("dq", "stats") if width else ("dq",)
+  out_specs = [q_blk]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  if width:
+    out_specs.append(pl.BlockSpec((None, None, None, width),
+                                  lambda i, hh, bb: (bb, hh, nq - 1 - i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, nq, width), jnp.float32))
+  res = pl.pallas_call(
+      functools.partial(
+          _dq_kernel, cfg=cfg, nq=nq, sk=tuning.sub("sub_kv_dq", bk),
+          width=width,
+          names=(*lnames, "q", "k", "v", "do", "lse", "delta", *segs,
+                 *pnames, *out_names)),
       grid=(nq, h, b),
-      in_specs=_list_specs(fi.shape[-1], pi.shape[-1], row) + [
+      in_specs=_list_specs(lists, lnames, row) + [
           q_blk, kv_all, kv_all, q_blk,
           pl.BlockSpec((None, None, bq), row),
-          pl.BlockSpec((None, None, bq), row)],
-      out_specs=q_blk,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params, interpret=cfg.interpret,
+          pl.BlockSpec((None, None, bq), row)]
+      + _seg_specs(cfg, bq, lambda i, hh, bb: (bb, nq - 1 - i), lk,
+                   lambda i, hh, bb: (bb, 0)) + _param_specs(params),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=compiler, interpret=cfg.interpret,
       name="sparsejax_block_sparse_dq",
-  )(lists["full_counts"], fi, lists["partial_counts"], pi, q, k, v, do, lse,
-    delta)
+  )(*[lists[n] for n in lnames], q, k, v, do, lse, delta, *seg_args, *params)
+  dq = res[0]
+  dparams = _param_grads(cfg, params, res[1]) if width else (None,) * len(
+      params)
 
-  fit, pit = lists["full_idx_t"], lists["partial_idx_t"]
   col = lambda j, hh, bb: (bb, hh, j)
   kv_blk = pl.BlockSpec((None, bk, None, d),
                         lambda j, hh, bb: (bb, j, hh // group, 0))
@@ -310,30 +398,42 @@ def backward(q, k, v, out, lse, do, delta, lists, cfg):
   row_all = pl.BlockSpec((None, None, lq), lambda j, hh, bb: (bb, hh, 0))
   dkv_dtype = k.dtype if group == 1 else jnp.float32
   out_blk = pl.BlockSpec((None, bk, None, d), lambda j, hh, bb: (bb, j, hh, 0))
+  tnames = _list_names(cfg, "_t")
+  seg_t = ["kv_seg", "q_seg"] if cfg.segments else []
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg,
-                        sq=tuning.sub("sub_q_dkv", bq)),
+      functools.partial(
+          _dkv_kernel, cfg=cfg, sq=tuning.sub("sub_q_dkv", bq),
+          names=(*tnames, "k", "v", "q", "do", "lse", "delta", *seg_t,
+                 *pnames, "dk", "dv")),
       grid=(nk, h, b),
-      in_specs=_list_specs(fit.shape[-1], pit.shape[-1], col) + [
-          kv_blk, kv_blk, q_all, q_all, row_all, row_all],
+      in_specs=_list_specs(lists, tnames, col) + [
+          kv_blk, kv_blk, q_all, q_all, row_all, row_all]
+      + _seg_specs(cfg, bk, lambda j, hh, bb: (bb, j), lq,
+                   lambda j, hh, bb: (bb, 0)) + _param_specs(params),
       out_specs=[out_blk, out_blk],
       out_shape=[jax.ShapeDtypeStruct((b, lk, h, d), dkv_dtype)] * 2,
-      compiler_params=params, interpret=cfg.interpret,
+      compiler_params=compiler, interpret=cfg.interpret,
       name="sparsejax_block_sparse_dkv",
-  )(lists["full_counts_t"], fit, lists["partial_counts_t"], pit, k, v, q, do,
-    lse, delta)
+  )(*[lists[n] for n in tnames], k, v, q, do, lse, delta, *seg_args[::-1],
+    *params)
   if group > 1:  # sum the q heads of each kv head
     dk = dk.reshape(b, lk, hkv, group, d).sum(3).astype(k.dtype)
     dv = dv.reshape(b, lk, hkv, group, d).sum(3).astype(v.dtype)
-  return dq, dk, dv
+  return dq, dk, dv, dparams
+
+
+def _pad_width(idx):
+  w = next_power_of_2(idx.shape[-1])
+  return jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, w - idx.shape[-1])],
+                 mode="edge")
 
 
 _attention = make_vjp(forward, backward)
 
 
-def attention(q, k, v, lists, cfg):
+def attention(q, k, v, lists, params, cfg):
   """custom_vjp attention; index lists are padded to power-of-two widths
   (Triton block shapes) once, here, for the forward and both backward
   kernels."""
   lists = {f: _pad_width(x) if "_idx" in f else x for f, x in lists.items()}
-  return _attention(q, k, v, lists, cfg)
+  return _attention(q, k, v, lists, params, cfg)

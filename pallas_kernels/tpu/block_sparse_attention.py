@@ -44,7 +44,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from sparsejax.block_sparse import block_math
-from sparsejax.block_sparse.vjp import make_vjp
+from sparsejax.block_sparse import score_mods
+from sparsejax.block_sparse.block_mask import next_power_of_2
+from sparsejax.block_sparse.vjp import make_vjp, walked_lists
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -155,33 +157,36 @@ def _unview(x, heads, d):
 
 # --- the concatenated list --------------------------------------------------
 
-# Step kinds, packed with the block index as (block << 2) | kind.
-_SKIP, _FULL, _PARTIAL = 0, 1, 2
+# Step kinds, packed with the block index as (block << 2) | kind: 0 skips,
+# k > 0 runs walked list k - 1 (full, partial, seg: `vjp.walked_lists`).
+_SKIP = 0
 
 
 def _step_table(lists, suffix: str, cfg):
   """int32 [B, H, R, S]: what each list step of row (b, h, r) does.
 
-  One concatenated list per row: S = Wf full steps, then Wp partial steps
-  (Wp = 0 without a mask_fn: then no block is partial). Packing block and
-  kind into one scalar-prefetch operand makes each index_map a single SMEM
-  read. Steps past a section's count are _SKIP and name an already resident
-  block (the lists repeat their last valid index), so the pipeline issues no
-  DMA for them; an empty full section names the first partial block (its
-  prefetch) and an empty partial section keeps the last full one.
+  One concatenated list per row: the walked lists' sections one after the
+  other (full Wf steps, then partial Wp when there is a mask_fn, then seg
+  when there are segment ids). Packing block and kind into one
+  scalar-prefetch operand makes each index_map a single SMEM read. A step
+  past its section's count is _SKIP and names the block of the last listed
+  step before it (the first listed one if none), which is already resident,
+  so the pipeline issues no DMA for it.
   """
-  fc, fi = lists["full_counts" + suffix], lists["full_idx" + suffix]
-  fc = fc[..., None]
-  kind = jnp.where(jnp.arange(fi.shape[-1]) < fc, _FULL, _SKIP)
-  if cfg.mask_fn is None:
-    return fi * 4 + kind
-  pc, pi = lists["partial_counts" + suffix], lists["partial_idx" + suffix]
-  pc = pc[..., None]
-  block = jnp.concatenate([jnp.where(fc > 0, fi, pi[..., :1]),
-                           jnp.where(pc > 0, pi, fi[..., -1:])], -1)
-  kind = jnp.concatenate(
-      [kind, jnp.where(jnp.arange(pi.shape[-1]) < pc, _PARTIAL, _SKIP)], -1)
-  return block * 4 + kind
+  blocks, kinds = [], []
+  for k, (name, _, _) in enumerate(walked_lists(cfg)):
+    idx = lists[f"{name}_idx{suffix}"]
+    count = lists[f"{name}_counts{suffix}"][..., None]
+    blocks.append(idx)
+    kinds.append(jnp.where(jnp.arange(idx.shape[-1]) < count, k + 1, _SKIP))
+  block, kind = jnp.concatenate(blocks, -1), jnp.concatenate(kinds, -1)
+  pos = jnp.arange(block.shape[-1])
+  listed = jnp.where(kind != _SKIP, pos, -1)
+  last = jax.lax.cummax(listed, axis=listed.ndim - 1)
+  first = jnp.min(jnp.where(kind != _SKIP, pos, block.shape[-1] - 1), -1,
+                  keepdims=True)
+  src = jnp.where(last >= 0, last, first)
+  return jnp.take_along_axis(block, src, -1) * 4 + kind
 
 
 def _listed_block(table_ref, c, j):
@@ -189,12 +194,12 @@ def _listed_block(table_ref, c, j):
 
 
 def _run_step(table_ref, c, j, cfg, body):
-  """body(block, mask_fn) for a listed step; full blocks get mask_fn None."""
+  """body(block, use_fn, use_ids) for a listed step (see walked_lists)."""
   entry = table_ref[c, j]
   kind, block = jnp.bitwise_and(entry, 3), jnp.right_shift(entry, 2)
-  pl.when(kind == _FULL)(lambda: body(block, None))
-  if cfg.mask_fn is not None:
-    pl.when(kind == _PARTIAL)(lambda: body(block, cfg.mask_fn))
+  for k, (_, use_fn, use_ids) in enumerate(walked_lists(cfg)):
+    pl.when(kind == k + 1)(
+        functools.partial(body, block, use_fn, use_ids))
 
 
 def _col(ref):
@@ -336,15 +341,62 @@ class _Geometry:
     return rows.spec((None, None, self.bq, 1),
                      lambda b, h, r, s: (b, h, pick(r, s), 0))
 
+  def seg_tiles(self, rows, cfg, q_which):
+    """q ids [B, Lq, 1] as (block_q, 1) columns and kv ids [B, 1, Lk] as
+    (1, block_kv) rows, one at the row's block and one at the listed one."""
+    if not cfg.segments:
+      return []
+    kv_which = "listed" if q_which == "row" else "row"
+    qp, kp = self._pick(q_which), self._pick(kv_which)
+    return [rows.spec((None, self.bq, 1), lambda b, h, r, s: (b, qp(r, s), 0)),
+            rows.spec((None, 1, self.bk), lambda b, h, r, s: (b, 0, kp(r, s)))]
+
+
+def _seg_args(lists, cfg):
+  if not cfg.segments:
+    return ()
+  return lists["q_segments"][..., None], lists["kv_segments"][:, None, :]
+
+
+def _seg_names(cfg):
+  return ("q_seg", "kv_seg") if cfg.segments else ()
+
+
+def _param_specs(params):
+  """Mod params as whole arrays in SMEM: scalar reads at dynamic indices."""
+  return [pl.BlockSpec(memory_space=pltpu.SMEM) for _ in params]
+
+
+def _param_names(params):
+  return tuple(f"param{j}" for j in range(len(params)))
+
+
+def _mod(cfg, r):
+  n = 0 if cfg.score_mod is None else cfg.score_mod.num_leaves
+  return score_mods.rebuild(cfg.score_mod, [r[f"param{j}"] for j in range(n)])
+
+
+def _tile(cfg, mod, r, b, h, q_start, kv_start, use_fn, use_ids):
+  """(element mask or None, mod coordinates or None) of the resident tiles."""
+  bq, bk = cfg.block_q, cfg.block_kv
+  ids = (r["q_seg"][...], r["kv_seg"][...]) if use_ids else None
+  vis = block_math.element_mask(cfg.mask_fn if use_fn else None, b, h,
+                                q_start, kv_start, bq, bk, cfg.kv_len,
+                                cfg.kv_len % bk != 0, ids)
+  at = (None if mod is None else
+        block_math.coords(b, h, q_start, kv_start, bq, bk))
+  return vis, at
+
 
 # --- forward ----------------------------------------------------------------
 
 
-def _fwd_kernel(table_ref, start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                m_ref, l_ref, acc_ref, *, cfg, rows):
+def _fwd_kernel(table_ref, start_ref, *refs, names, cfg, rows):
+  r = dict(zip(names, refs))
   bq, bk = cfg.block_q, cfg.block_kv
   b, h, i, c, j = rows.grid_point(start_ref)
-  ragged = cfg.kv_len % bk != 0  # padded keys are zeros: mask them out
+  mod = _mod(cfg, r)
+  m_ref, l_ref, acc_ref = r["m"], r["l"], r["acc"]
 
   @pl.when(j == 0)
   def _init():
@@ -352,12 +404,13 @@ def _fwd_kernel(table_ref, start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  def body(kv_block, fn):
-    s = block_math.scores(q_ref[...], k_ref[...], cfg.scale, cfg.soft_cap)
-    vis = block_math.element_mask(fn, b, h, i * bq, kv_block * bk, bq, bk,
-                                  cfg.kv_len, ragged)
+  def body(kv_block, use_fn, use_ids):
+    vis, at = _tile(cfg, mod, r, b, h, i * bq, kv_block * bk, use_fn,
+                    use_ids)
+    s = block_math.scores(r["q"][...], r["k"][...], cfg.scale, cfg.soft_cap,
+                          mod, at)
     m, l, acc = block_math.online_softmax_step(
-        s, v_ref[...], _col(m_ref), _col(l_ref), acc_ref[...], vis)
+        s, r["v"][...], _col(m_ref), _col(l_ref), acc_ref[...], vis)
     m_ref[...] = m[:, None]
     l_ref[...] = l[:, None]
     acc_ref[...] = acc
@@ -367,19 +420,23 @@ def _fwd_kernel(table_ref, start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
   @pl.when(_is_last_step(j))
   def _finish():
     out, lse = block_math.finalize(_col(m_ref), _col(l_ref), acc_ref[...],
-                                   o_ref.dtype)
-    o_ref[...] = out
-    lse_ref[...] = lse[:, None]
+                                   r["o"].dtype)
+    r["o"][...] = out
+    r["lse"][...] = lse[:, None]
 
 
-def forward(q, k, v, lists, cfg):
+def forward(q, k, v, lists, params, cfg):
   g = _Geometry(q, k, cfg)
   rows = _Rows(g.h, g.lq // g.bq)
+  names = ("q", "k", "v", *_seg_names(cfg), *_param_names(params), "o",
+           "lse", "m", "l", "acc")
   out, lse = _call(
-      functools.partial(_fwd_kernel, cfg=cfg, rows=rows),
-      _step_table(lists, "", cfg), (g.view(q), g.view(k), g.view(v)),
+      functools.partial(_fwd_kernel, names=names, cfg=cfg, rows=rows),
+      _step_table(lists, "", cfg),
+      (g.view(q), g.view(k), g.view(v), *_seg_args(lists, cfg), *params),
       in_specs=[g.q_tile(rows, "row"), g.kv_tile(rows, "listed"),
-                g.kv_tile(rows, "listed")],
+                g.kv_tile(rows, "listed"), *g.seg_tiles(rows, cfg, "row"),
+                *_param_specs(params)],
       out_specs=[g.q_tile(rows, "row"), g.col_tile(rows, "row")],
       out_shape=[jax.ShapeDtypeStruct((g.b, g.lq, g.h * g.dp), q.dtype),
                  jax.ShapeDtypeStruct((g.b, g.h, g.lq, 1), jnp.float32)],
@@ -390,77 +447,113 @@ def forward(q, k, v, lists, cfg):
   return g.unview(out), lse[..., 0]
 
 
-# --- backward: dQ over row lists --------------------------------------------
+# --- backward: dQ (and the score mod's statistics) over row lists ------------
 
 
-def _dq_kernel(table_ref, start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, acc_ref, *, cfg, rows):
+def _dq_kernel(table_ref, start_ref, *refs, names, cfg, rows, width):
+  r = dict(zip(names, refs))
   bq, bk = cfg.block_q, cfg.block_kv
   b, h, i, c, j = rows.grid_point(start_ref)
-  ragged = cfg.kv_len % bk != 0
+  mod = _mod(cfg, r)
+  acc_ref = r["acc"]
 
   @pl.when(j == 0)
   def _init():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    if width:
+      r["stats_acc"][...] = jnp.zeros(r["stats_acc"].shape, jnp.float32)
 
-  def body(kv_block, fn):
-    k = k_ref[...]
-    vis = block_math.element_mask(fn, b, h, i * bq, kv_block * bk, bq, bk,
-                                  cfg.kv_len, ragged)
-    _, ds = block_math.probs_and_dscores(
-        q_ref[...], k, v_ref[...], do_ref[...], _col(lse_ref),
-        _col(delta_ref), cfg.scale, cfg.soft_cap, vis)
+  def body(kv_block, use_fn, use_ids):
+    k = r["k"][...]
+    vis, at = _tile(cfg, mod, r, b, h, i * bq, kv_block * bk, use_fn,
+                    use_ids)
+    s_raw = block_math.raw_scores(r["q"][...], k)
+    _, gs, ds = block_math.grads_from_raw(
+        s_raw, r["v"][...], r["do"][...], _col(r["lse"]), _col(r["delta"]),
+        cfg.scale, cfg.soft_cap, vis, mod, at)
     acc_ref[...] += jax.lax.dot(ds.astype(k.dtype), k,
                                 precision=block_math.dot_precision(k.dtype),
                                 preferred_element_type=jnp.float32)
+    if width:
+      stats = mod.tile_stats(gs, s_raw * cfg.scale, *at, width)
+      r["stats_acc"][...] += stats.reshape(1, width)
 
   _run_step(table_ref, c, j, cfg, body)
 
   @pl.when(_is_last_step(j))
   def _finish():
-    dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+    r["dq"][...] = acc_ref[...].astype(r["dq"].dtype)
+    if width:
+      r["stats"][...] = r["stats_acc"][...]
 
 
-def backward_dq(q, k, v, do, lse, delta, lists, cfg):
-  """dQ [B, Lq, H, D]: the forward's grid over the row lists."""
+def _stats_width(cfg, params) -> int:
+  if cfg.score_mod is None:
+    return 0
+  n = score_mods.rebuild(cfg.score_mod, params).num_stats
+  return next_power_of_2(n) if n else 0
+
+
+def backward_dq(q, k, v, do, lse, delta, lists, params, cfg):
+  """(dQ [B, Lq, H, D], the mod params' cotangents): the forward's grid over
+  the row lists; each row also sums its tiles' score-mod statistics."""
   g = _Geometry(q, k, cfg)
   rows = _Rows(g.h, g.lq // g.bq)
-  (dq,) = _call(
-      functools.partial(_dq_kernel, cfg=cfg, rows=rows),
+  width = _stats_width(cfg, params)
+  out_specs = [g.q_tile(rows, "row")]
+  out_shape = [jax.ShapeDtypeStruct((g.b, g.lq, g.h * g.dp), q.dtype)]
+  scratch = [pltpu.VMEM((g.bq, g.dp), jnp.float32)]
+  if width:  # [B, H, nq, 1, width]: one row of statistics per q block
+    out_specs.append(rows.spec((None, None, None, 1, width),
+                               lambda b, h, r, s: (b, h, r, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((g.b, g.h, g.lq // g.bq, 1, width),
+                                          jnp.float32))
+    scratch.append(pltpu.VMEM((1, width), jnp.float32))
+  names = ("q", "k", "v", "do", "lse", "delta", *_seg_names(cfg),
+           *_param_names(params), "dq", *(("stats",) if width else ()),
+           "acc", *(("stats_acc",) if width else ()))
+  res = _call(
+      functools.partial(_dq_kernel, names=names, cfg=cfg, rows=rows,
+                        width=width),
       _step_table(lists, "", cfg),
       (g.view(q), g.view(k), g.view(v), g.view(do.astype(q.dtype)),
-       lse[..., None], delta[..., None]),
+       lse[..., None], delta[..., None], *_seg_args(lists, cfg), *params),
       in_specs=[g.q_tile(rows, "row"), g.kv_tile(rows, "listed"),
                 g.kv_tile(rows, "listed"), g.q_tile(rows, "row"),
-                g.col_tile(rows, "row"), g.col_tile(rows, "row")],
-      out_specs=[g.q_tile(rows, "row")],
-      out_shape=[jax.ShapeDtypeStruct((g.b, g.lq, g.h * g.dp), q.dtype)],
-      scratch=[pltpu.VMEM((g.bq, g.dp), jnp.float32)],
+                g.col_tile(rows, "row"), g.col_tile(rows, "row"),
+                *g.seg_tiles(rows, cfg, "row"), *_param_specs(params)],
+      out_specs=out_specs, out_shape=out_shape, scratch=scratch,
       cfg=cfg, interpret=g.interpret, name="sparsejax_block_sparse_dq_tpu")
-  return g.unview(dq)
+  dparams = (None,) * len(params)
+  if width:
+    mod = score_mods.rebuild(cfg.score_mod, params)
+    stats = score_mods.tree_sum(res[1][:, :, :, 0, :mod.num_stats], 2)
+    dparams = tuple(mod.stats_to_grads(stats))
+  return g.unview(res[0]), dparams
 
 
 # --- backward: dK/dV over column lists --------------------------------------
 
 
-def _dkv_kernel(table_ref, start_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, cfg, rows):
+def _dkv_kernel(table_ref, start_ref, *refs, names, cfg, rows):
+  r = dict(zip(names, refs))
   bq, bk = cfg.block_q, cfg.block_kv
   b, h, kv_block, c, j = rows.grid_point(start_ref)
-  ragged = cfg.kv_len % bk != 0
+  mod = _mod(cfg, r)
+  dk_acc, dv_acc = r["dk_acc"], r["dv_acc"]
 
   @pl.when(j == 0)
   def _init():
     dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-  def body(q_block, fn):
-    q, do = q_ref[...], do_ref[...]
-    vis = block_math.element_mask(fn, b, h, q_block * bq, kv_block * bk, bq,
-                                  bk, cfg.kv_len, ragged)
-    p, ds = block_math.probs_and_dscores(
-        q, k_ref[...], v_ref[...], do, _col(lse_ref), _col(delta_ref),
-        cfg.scale, cfg.soft_cap, vis)
+  def body(q_block, use_fn, use_ids):
+    q, do = r["q"][...], r["do"][...]
+    vis, at = _tile(cfg, mod, r, b, h, q_block * bq, kv_block * bk, use_fn,
+                    use_ids)
+    p, _, ds = block_math.probs_and_grads(
+        q, r["k"][...], r["v"][...], do, _col(r["lse"]), _col(r["delta"]),
+        cfg.scale, cfg.soft_cap, vis, mod, at)
     prec = block_math.dot_precision(q.dtype)
     dims = (((0,), (0,)), ((), ()))  # ds^T @ q and p^T @ do
     dk_acc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, dims,
@@ -474,24 +567,27 @@ def _dkv_kernel(table_ref, start_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
 
   @pl.when(_is_last_step(j))
   def _finish():
-    dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
-    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+    r["dk"][...] = dk_acc[...].astype(r["dk"].dtype)
+    r["dv"][...] = dv_acc[...].astype(r["dv"].dtype)
 
 
-def backward_dkv(q, k, v, do, lse, delta, lists, cfg):
+def backward_dkv(q, k, v, do, lse, delta, lists, params, cfg):
   """(dK, dV) [B, Lk, Hkv, D]: per q head over the transposed lists."""
   g = _Geometry(q, k, cfg)
   rows = _Rows(g.h, g.lk // g.bk)
   # Per-q-head partials are summed per kv head below: keep them in f32.
   dtype = k.dtype if g.group == 1 else jnp.float32
+  names = ("k", "v", "q", "do", "lse", "delta", *_seg_names(cfg),
+           *_param_names(params), "dk", "dv", "dk_acc", "dv_acc")
   dk, dv = _call(
-      functools.partial(_dkv_kernel, cfg=cfg, rows=rows),
+      functools.partial(_dkv_kernel, names=names, cfg=cfg, rows=rows),
       _step_table(lists, "_t", cfg),
       (g.view(k), g.view(v), g.view(q), g.view(do.astype(q.dtype)),
-       lse[..., None], delta[..., None]),
+       lse[..., None], delta[..., None], *_seg_args(lists, cfg), *params),
       in_specs=[g.kv_tile(rows, "row"), g.kv_tile(rows, "row"),
                 g.q_tile(rows, "listed"), g.q_tile(rows, "listed"),
-                g.col_tile(rows, "listed"), g.col_tile(rows, "listed")],
+                g.col_tile(rows, "listed"), g.col_tile(rows, "listed"),
+                *g.seg_tiles(rows, cfg, "listed"), *_param_specs(params)],
       out_specs=[g.kv_tile(rows, "row", head_of_q=True)] * 2,
       out_shape=[jax.ShapeDtypeStruct((g.b, g.lk, g.h * g.dp), dtype)] * 2,
       scratch=[pltpu.VMEM((g.bk, g.dp), jnp.float32)] * 2,
@@ -504,11 +600,11 @@ def backward_dkv(q, k, v, do, lse, delta, lists, cfg):
   return dk, dv
 
 
-def backward(q, k, v, out, lse, do, delta, lists, cfg):
+def backward(q, k, v, out, lse, do, delta, lists, params, cfg):
   del out
-  dq = backward_dq(q, k, v, do, lse, delta, lists, cfg)
-  dk, dv = backward_dkv(q, k, v, do, lse, delta, lists, cfg)
-  return dq, dk, dv
+  dq, dparams = backward_dq(q, k, v, do, lse, delta, lists, params, cfg)
+  dk, dv = backward_dkv(q, k, v, do, lse, delta, lists, params, cfg)
+  return dq, dk, dv, dparams
 
 
 attention = make_vjp(forward, backward)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax.numpy as jnp
@@ -10,6 +11,8 @@ from sparsejax.block_sparse.implementations import REGISTRY
 from sparsejax.block_sparse import reference
 from sparsejax.block_sparse.block_mask import BlockMask, broadcast_lists, next_power_of_2
 from sparsejax.block_sparse import masks as masks_lib
+from sparsejax.block_sparse import score_mods
+from sparsejax.block_sparse import segments as segments_lib
 from sparsejax.block_sparse.vjp import StaticConfig
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -54,8 +57,20 @@ def _pad_axis(x, axis, size):
   return jnp.pad(x, widths)
 
 
+def _check_scalar(name, value, positive=False):
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a real number, got {value!r}") from None
+  if not math.isfinite(value) or (positive and value <= 0):
+    raise ValueError(f"{name} must be a finite"
+                     f"{' positive' if positive else ''} number, got {value}")
+  return value
+
+
 def attention(q, k, v, mask: Optional[BlockMask] = None, *,
               scale: Optional[float] = None, soft_cap: Optional[float] = None,
+              score_mod=None, q_segment_ids=None, kv_segment_ids=None,
               impl: str = "auto", interpret: bool = False,
               return_lse: bool = False, tuning=None):
   """Block-sparse softmax attention.
@@ -67,6 +82,13 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
       (q_len, kv_len).
     scale: logit scale, default head_dim ** -0.5.
     soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
+    score_mod: None or a `sparsejax.score_mods.ScoreMod`: each visible logit
+      becomes score_mod(scale * q.k, b, h, q_idx, kv_idx) before the soft-cap
+      (gradients reach its array fields).
+    q_segment_ids, kv_segment_ids: None or int [batch, q_len] / [batch,
+      kv_len]: a pair is visible only where the ids are equal (packed
+      documents; pad with an id no real token uses). One alone serves both
+      when q_len == kv_len. Blocks whose ids cannot match are skipped.
     impl: "reference", "xla", "pallas_triton", "pallas_mosaic_gpu",
       "pallas_tpu" or "auto".
     interpret: run a Pallas implementation in interpret mode (CPU).
@@ -84,21 +106,25 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
                      f"{sorted(REGISTRY.names())}, got {impl!r}")
   b, lq, h, d = q.shape
   lk = k.shape[1]
-  scale = float(d ** -0.5 if scale is None else scale)
+  scale = _check_scalar("scale", d ** -0.5 if scale is None else scale)
   if soft_cap is not None:
-    if soft_cap <= 0:
-      raise ValueError(f"soft_cap must be positive, got {soft_cap}")
-    soft_cap = float(soft_cap)
+    soft_cap = _check_scalar("soft_cap", soft_cap, positive=True)
+  score_mods.check(score_mod)
+  segs = segments_lib.validate(q_segment_ids, kv_segment_ids, batch=b,
+                               q_len=lq, kv_len=lk)
   user_mask = mask
   if mask is None:
     mask = masks_lib.full(lq, lk, block_size=(min(128, next_power_of_2(max(
         lq, 16))), min(128, next_power_of_2(max(lk, 16)))))
   bq, bk = mask.block_q, mask.block_kv
-  implementation = REGISTRY.resolve(impl, interpret,
-                                           problem=(q.dtype, d, bq, bk))
+  implementation = REGISTRY.resolve(
+      impl, interpret, problem=(q.dtype, d, bq, bk, score_mod,
+                                segs is not None))
   if implementation.dense:
-    out, lse = reference.attention_reference(q, k, v, user_mask, scale=scale,
-                                             soft_cap=soft_cap)
+    out, lse = reference.attention_reference(
+        q, k, v, user_mask, scale=scale, soft_cap=soft_cap,
+        score_mod=score_mod, q_segment_ids=None if segs is None else segs[0],
+        kv_segment_ids=None if segs is None else segs[1])
     return (out, lse) if return_lse else out
 
   lq_pad, lk_pad = mask.num_q_blocks * bq, mask.num_kv_blocks * bk
@@ -106,10 +132,15 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
   qp = _pad_axis(_pad_axis(q, 1, lq_pad), 3, d_pad)
   kp = _pad_axis(_pad_axis(k, 1, lk_pad), 3, d_pad)
   vp = _pad_axis(_pad_axis(v, 1, lk_pad), 3, d_pad)
-  lists = broadcast_lists(mask, b, h)
+  if segs is None:
+    lists = broadcast_lists(mask, b, h)
+  else:
+    lists = segments_lib.refine(mask, *segs, batch=b, heads=h)
+  params, treedef = score_mods.flatten(score_mod)
   cfg = StaticConfig(block_q=bq, block_kv=bk, q_len=lq, kv_len=lk,
-                     mask_fn=mask.kernel_mask_fn, scale=scale, soft_cap=soft_cap,
-                     interpret=interpret, tuning=tuning)
-  out, lse = implementation.load()(qp, kp, vp, lists, cfg)
+                     mask_fn=mask.kernel_mask_fn, scale=scale,
+                     soft_cap=soft_cap, interpret=interpret, tuning=tuning,
+                     score_mod=treedef, segments=segs is not None)
+  out, lse = implementation.load()(qp, kp, vp, lists, params, cfg)
   out, lse = out[:, :lq, :, :d], lse[:, :, :lq]
   return (out, lse) if return_lse else out

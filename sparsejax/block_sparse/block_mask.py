@@ -41,6 +41,13 @@ def compress(member, width: Optional[int] = None):
   """
   if _is_concrete(member):
     return _compress_np(np.asarray(member), width)
+  return compress_traced(member, width)
+
+
+def compress_traced(member, width: Optional[int] = None):
+  """`compress` on device (jnp scatter) with a static width, concrete input
+  or not: same shapes for any data, so no recompilation."""
+  member = jnp.asarray(member)
   n = member.shape[-1]
   counts = member.sum(-1, dtype=jnp.int32)
   width = max(1, min(width or n, n))
@@ -216,11 +223,15 @@ class BlockMask:
           f"mask was built for (q_len, kv_len) = ({self.q_len}, "
           f"{self.kv_len}) but q/k have ({q_len}, {kv_len})")
     if self.batch_size not in (1, batch):
-      raise ValueError(f"mask batch dimension must be 1 or {batch}, got "
-                       f"{self.batch_size}")
+      raise ValueError(
+          f"mask was built for batch {self.batch_size} but q has batch "
+          f"{batch}: a mask's batch dimension must be 1 (one mask shared by "
+          f"every example) or {batch} (one mask per example)")
     if self.num_heads not in (1, heads):
-      raise ValueError(f"mask head dimension must be 1 or {heads} (the number "
-                       f"of query heads), got {self.num_heads}")
+      raise ValueError(
+          f"mask was built for {self.num_heads} heads but q has {heads}: a "
+          f"mask's head dimension must be 1 (shared by every head) or "
+          f"{heads} (one per query head)")
 
   # --- composition --------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 These functions act on values (one q block against one kv block), so the jnp
 implementation and the Pallas kernels run literally the same arithmetic.
+A score mod (score_mods.py) is applied to the scaled logits before soft-cap;
+`at` = (b, h, q_idx, kv_idx) are its block coordinates (`coords`).
 Scores live in the base-2 domain (scale * log2(e) folded into one multiply,
 exp2 instead of exp: one FMA fewer per element); lse is returned in nats.
 """
@@ -32,22 +34,58 @@ def log2_logits(s_raw, scale, soft_cap):
   return t * (soft_cap * LOG2E), t
 
 
-def scores(q, k, scale, soft_cap):
-  """Logits [bq, bk] in f32, base 2 (after scale and optional soft-cap)."""
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                          precision=dot_precision(q.dtype),
-                          preferred_element_type=jnp.float32)
-  return log2_logits(s, scale, soft_cap)[0]
+def coords(b, h, q_start, kv_start, bq, bk):
+  """(b, h, q_idx [bq, bk], kv_idx [bq, bk]) of one block: a mod's inputs."""
+  q_idx = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  kv_idx = kv_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  return b, h, q_idx, kv_idx
+
+
+def logits(s_raw, scale, soft_cap, mod=None, at=None):
+  """Raw q.k -> (base-2 logits, tanh or None, d mod/d score or None).
+
+  Order: s = s_raw * scale -> mod(s, *at) -> soft-cap -> * log2(e). Without
+  a mod this is `log2_logits`. d mod/d score is None for additive mods (it
+  is 1), else it comes from jax.jvp (score mods are elementwise).
+  """
+  if mod is None:
+    s, t = log2_logits(s_raw, scale, soft_cap)
+    return s, t, None
+  s = s_raw * scale
+  if mod.additive:
+    u, dmod = mod(s, *at), None
+  else:
+    u, dmod = jax.jvp(lambda x: mod(x, *at), (s,), (jnp.ones_like(s),))
+  u = jnp.broadcast_to(u, s.shape).astype(jnp.float32)
+  if soft_cap is None:
+    return u * LOG2E, None, dmod
+  t = jnp.tanh(u * (1.0 / soft_cap))
+  return t * (soft_cap * LOG2E), t, dmod
+
+
+def scores(q, k, scale, soft_cap, mod=None, at=None):
+  """Logits [bq, bk] in f32, base 2 (after scale, mod and soft-cap)."""
+  return logits(raw_scores(q, k), scale, soft_cap, mod, at)[0]
 
 
 def element_mask(mask_fn, b, h, q_start, kv_start, bq, bk, kv_len,
-                 need_range):
-  """The element mask of one block, or None when nothing is masked."""
+                 need_range, segments=None):
+  """The element mask of one block, or None when nothing is masked.
+
+  segments: None or (q ids [bq] | [bq, 1], kv ids [bk] | [1, bk]): pairs
+  with different ids are masked.
+  """
   q_idx = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   kv_idx = kv_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
   m = None
   if mask_fn is not None:
     m = jnp.broadcast_to(mask_fn(b, h, q_idx, kv_idx), (bq, bk))
+  if segments is not None:
+    sq, sk = segments
+    sq = sq[:, None] if sq.ndim == 1 else sq
+    sk = sk[None, :] if sk.ndim == 1 else sk
+    same = jnp.broadcast_to(sq == sk, (bq, bk))
+    m = same if m is None else (m & same)
   if need_range:
     r = kv_idx < kv_len
     m = r if m is None else (m & r)
@@ -81,15 +119,15 @@ def finalize(m, l, acc, out_dtype):
   return out.astype(out_dtype), lse
 
 
-def probs_and_dscores(q, k, v, do, lse, delta, scale, soft_cap, visible):
-  """Recomputed probabilities p and dL/d(raw q.k) for one block pair.
+def grads_from_raw(s_raw, v, do, lse, delta, scale, soft_cap, visible,
+                   mod=None, at=None):
+  """(p, g, ds) of one block pair from its raw scores q.k: recomputed
+  probabilities, g = dL/d(mod output) (the score-mod parameter gradient's
+  input; 0 where not visible) and ds = dL/d(raw q.k).
 
   Rows with lse = -inf (nothing visible) get p = 0 and so zero gradients.
   """
-  s_raw = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                              precision=dot_precision(q.dtype),
-                              preferred_element_type=jnp.float32)
-  s, t = log2_logits(s_raw, scale, soft_cap)
+  s, t, dmod = logits(s_raw, scale, soft_cap, mod, at)
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   p = jnp.exp2(s - lse2[:, None])
   if visible is not None:
@@ -97,7 +135,31 @@ def probs_and_dscores(q, k, v, do, lse, delta, scale, soft_cap, visible):
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
                            precision=dot_precision(do.dtype),
                            preferred_element_type=jnp.float32)
-  ds = p * (dp - delta[:, None])
+  g = p * (dp - delta[:, None])
   if soft_cap is not None:
-    ds = ds * (1.0 - t * t)
-  return p, ds * scale
+    g = g * (1.0 - t * t)
+  ds = g if dmod is None else g * dmod
+  return p, g, ds * scale
+
+
+def raw_scores(q, k):
+  """q.k^T [bq, bk] in f32."""
+  return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                             precision=dot_precision(q.dtype),
+                             preferred_element_type=jnp.float32)
+
+
+def probs_and_grads(q, k, v, do, lse, delta, scale, soft_cap, visible,
+                    mod=None, at=None):
+  """`grads_from_raw` after the q.k product."""
+  s_raw = raw_scores(q, k)
+  return grads_from_raw(s_raw, v, do, lse, delta, scale, soft_cap, visible,
+                        mod, at)
+
+
+def probs_and_dscores(q, k, v, do, lse, delta, scale, soft_cap, visible,
+                      mod=None, at=None):
+  """Recomputed probabilities p and dL/d(raw q.k) for one block pair."""
+  p, _, ds = probs_and_grads(q, k, v, do, lse, delta, scale, soft_cap,
+                             visible, mod, at)
+  return p, ds

@@ -1,4 +1,9 @@
-"""The block-sparse attention implementations, registered by name."""
+"""The block-sparse attention implementations, registered by name.
+
+`unsupported(*problem)` gets problem = (dtype, head_dim, block_q, block_kv,
+score_mod, has_segment_ids); each function takes the interface of `vjp`:
+fn(q, k, v, lists, params, cfg) -> (out, lse).
+"""
 
 from sparsejax.registry import Implementation, OpRegistry
 
@@ -33,14 +38,38 @@ def needs_tpu(platform, kind):
   return None if platform == "tpu" else f"needs a TPU, found {platform}"
 
 
+def _kernel_unsupported(impl):
+  """A Pallas kernel's check of the score mod (see score_mods.ScoreMod)."""
+
+  def unsupported(dtype, head_dim, block_q, block_kv, score_mod=None,
+                  segments=False):
+    del dtype, head_dim, block_q, block_kv, segments
+    return None if score_mod is None else score_mod.kernel_unsupported(impl)
+
+  return unsupported
+
+
 def _load_mosaic_gpu():
   from pallas_kernels.mosaic_gpu import block_sparse_attention  # pylint: disable=g-import-not-at-top
-  return block_sparse_attention.attention
+
+  def attention(q, k, v, lists, params, cfg):
+    # The kernel has the former interface (no params); `unsupported` keeps
+    # score mods and segment ids away from it.
+    del params
+    return block_sparse_attention.attention(q, k, v, lists, cfg)
+
+  return attention
 
 
-def _mosaic_gpu_unsupported(*problem):
+def _mosaic_gpu_unsupported(dtype, head_dim, block_q, block_kv,
+                            score_mod=None, segments=False):
+  if score_mod is not None:
+    return "score mods are not in the Mosaic GPU kernel yet"
+  if segments:
+    return "segment ids are not in the Mosaic GPU kernel yet"
   from pallas_kernels.mosaic_gpu import block_sparse_attention  # pylint: disable=g-import-not-at-top
-  return block_sparse_attention.unsupported(*problem)
+  return block_sparse_attention.unsupported(dtype, head_dim, block_q,
+                                            block_kv)
 
 
 def _load_tpu():
@@ -52,10 +81,11 @@ REGISTRY.register(Implementation("reference", load=lambda: None, dense=True))
 REGISTRY.register(Implementation("xla", load=_load_xla))
 REGISTRY.register(Implementation(
     "pallas_triton", load=_load_triton, unavailable=needs_cuda,
+    unsupported=_kernel_unsupported("pallas_triton"),
     supports_interpret=True, pad_head_dim_pow2=True))
 REGISTRY.register(Implementation(
     "pallas_mosaic_gpu", load=_load_mosaic_gpu, unavailable=needs_hopper,
     unsupported=_mosaic_gpu_unsupported))
 REGISTRY.register(Implementation(
     "pallas_tpu", load=_load_tpu, unavailable=needs_tpu,
-    supports_interpret=True))
+    unsupported=_kernel_unsupported("pallas_tpu"), supports_interpret=True))

@@ -38,6 +38,24 @@ class SlidingWindow:
 
 
 @dataclasses.dataclass(frozen=True)
+class Band:
+  """lo <= q - kv <= hi; None leaves that side open (jax.nn's
+  local_window_size=(left, right) is Band(-right, left))."""
+  lo: Optional[int]
+  hi: Optional[int]
+
+  def __call__(self, b, h, q, kv):
+    del b, h
+    d = q - kv
+    out = True
+    if self.lo is not None:
+      out = d >= self.lo
+    if self.hi is not None:
+      out = (d <= self.hi) if self.lo is None else out & (d <= self.hi)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class S2:
   """DKernel's local-stride pattern, exact at element level.
 

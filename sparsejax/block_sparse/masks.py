@@ -103,6 +103,26 @@ def sliding_window(q_len: int, window: int, *, causal: bool = True,  # pylint: d
                                mask_fn=mask_fns.SlidingWindow(window, causal))
 
 
+def band(q_len: int, kv_len: Optional[int] = None, *, lo: Optional[int],
+         hi: Optional[int], block_size: BlockSize = 128) -> BlockMask:
+  """Query q sees keys with lo <= q - kv <= hi (None: unbounded side).
+
+  causal is band(lo=0, hi=None); jax.nn's local_window_size=(left, right) is
+  band(lo=-right, hi=left).
+  """
+  q_len = _check_len(q_len, "q_len")
+  kv_len = q_len if kv_len is None else _check_len(kv_len, "kv_len")
+  bq, bk = _check_block_size(block_size)
+  for name, x in (("lo", lo), ("hi", hi)):
+    if x is not None and not isinstance(x, (int, np.integer)):
+      raise TypeError(f"{name} must be an int or None, got {x!r}")
+  fn = None if lo is None and hi is None else mask_fns.Band(
+      None if lo is None else int(lo), None if hi is None else int(hi))
+  return BlockMask.from_states(_band_states(q_len, kv_len, bq, bk, lo, hi),
+                               block_q=bq, block_kv=bk, q_len=q_len,
+                               kv_len=kv_len, mask_fn=fn)
+
+
 def s2(seq_len: int, num_heads: int, *, block_size: int = 64,
        local_blocks: Union[int, Tuple[int, int]] = 16, vert_stride: int = 8,
        num_kv_heads: Optional[int] = None, homo_head: bool = False,
@@ -313,6 +333,6 @@ def from_block_mask(blocks, *, block_size: BlockSize,
                                mask_fn_exact=mask_fn is None)
 
 
-__all__ = ["full", "causal", "sliding_window", "s2", "s2_coverage",
+__all__ = ["full", "causal", "sliding_window", "band", "s2", "s2_coverage",
            "check_s2_params",
            "from_mask_fn", "from_block_mask"]

@@ -226,3 +226,34 @@ def test_lowers_for_tpu(dtype, heads, kv_heads, d, soft_cap, mask, smem):
     text = jax.jit(grad).trace(q, k, k).lower(
         lowering_platforms=("tpu",)).as_text()
   assert text.count("tpu_custom_call") == 3  # forward, dQ, dK/dV
+
+
+def test_alibi_and_segments_lower_for_tpu():
+  """Alibi (slopes read from SMEM, statistics in the dQ kernel) and segment
+  ids ((block_q, 1) / (1, block_kv) id tiles, the seg section of the step
+  table) through the real Mosaic lowering."""
+  mask = sj.masks.s2(512, 4, block_size=128, local_blocks=2, vert_stride=2,
+                     num_kv_heads=2)
+  q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+
+  def loss(q, k, v, slopes, ids):
+    return sj.attention(q, k, v, mask, impl="pallas_tpu",
+                        score_mod=sj.score_mods.Alibi(slopes),
+                        q_segment_ids=ids).astype(jnp.float32).sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+  mesh = jax.sharding.AbstractMesh((), (), abstract_device=_TPU)
+  with sj.target_platform("tpu"), jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(grad).trace(
+        q, k, k, jax.ShapeDtypeStruct((4,), jnp.float32),
+        jax.ShapeDtypeStruct((1, 512), jnp.int32)).lower(
+            lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 3
+
+
+def test_relative_bias_is_unsupported_with_the_reason():
+  q, k, v = _qkv()
+  mod = sj.score_mods.RelativeBias(jnp.zeros((2, 9)))
+  with pytest.raises(ValueError, match="vector gather"):
+    sj.attention(q, k, v, impl="pallas_tpu", interpret=True, score_mod=mod)

@@ -65,3 +65,28 @@ def test_head_dim_256_needs_small_tiles():
   with pytest.raises(ValueError, match="block_q <= 64"):
     _lower(fwd(sj.masks.causal(300, block_size=128)), q, q, q)
   _lower(fwd(sj.masks.causal(300, block_size=64)), q, q, q)
+
+
+@pytest.mark.parametrize("mod", ["alibi", "relative_bias", None])
+def test_score_mods_and_segments_lower_for_cuda(mod):
+  """Score mods (a table gather from a ref, the in-kernel statistics loop)
+  and segment ids (the seg list, id slices) lower with forward and grads."""
+  length, heads = 4 * 64 + 5, 4
+  mask = sj.masks.s2(length, heads, block_size=64, local_blocks=2,
+                     vert_stride=2, num_kv_heads=2)
+  make = {"alibi": (sj.score_mods.Alibi, (heads,)),
+          "relative_bias": (sj.score_mods.RelativeBias, (heads, 255)),
+          None: (None, (heads,))}[mod]
+  q = jax.ShapeDtypeStruct((2, length, heads, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, length, 2, 64), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((2, length), jnp.int32)
+  param = jax.ShapeDtypeStruct(make[1], jnp.float32)
+
+  def loss(q, k, v, p, ids):
+    out = sj.attention(q, k, v, mask, impl="pallas_triton", soft_cap=30.0,
+                       score_mod=make[0](p) if make[0] else None,
+                       q_segment_ids=ids)
+    return out.astype(jnp.float32).sum()
+
+  grads = jax.grad(loss, argnums=(0, 1, 2, 3))
+  assert _lower(grads, q, kv, kv, param, ids).count("xla.gpu.triton") == 3

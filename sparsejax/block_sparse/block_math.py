@@ -52,7 +52,7 @@ def logits(s_raw, scale, soft_cap, mod=None, at=None):
     s, t = log2_logits(s_raw, scale, soft_cap)
     return s, t, None
   s = s_raw * scale
-  if mod.additive:
+  if getattr(mod, "additive", False):
     u, dmod = mod(s, *at), None
   else:
     u, dmod = jax.jvp(lambda x: mod(x, *at), (s,), (jnp.ones_like(s),))

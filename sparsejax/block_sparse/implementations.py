@@ -44,7 +44,10 @@ def _kernel_unsupported(impl):
   def unsupported(dtype, head_dim, block_q, block_kv, score_mod=None,
                   segments=False):
     del dtype, head_dim, block_q, block_kv, segments
-    return None if score_mod is None else score_mod.kernel_unsupported(impl)
+    if score_mod is None:
+      return None
+    from sparsejax.block_sparse import score_mods  # pylint: disable=g-import-not-at-top
+    return score_mods.kernel_unsupported(score_mod, impl)
 
   return unsupported
 

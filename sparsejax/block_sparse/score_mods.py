@@ -113,14 +113,27 @@ class ScoreMod:
   def kernel_unsupported(self, impl: str) -> Optional[str]:
     """Why Pallas implementation `impl` cannot run this mod, or None."""
     del impl
-    has_params = any(jnp.issubdtype(jnp.result_type(x), jnp.floating)
-                     for x in jax.tree.leaves(self))
-    if has_params and type(self).tile_stats is ScoreMod.tile_stats:
-      return (f"score mod {type(self).__name__} has parameters but no "
-              "tile_stats/stats_to_grads (the deterministic kernel gradient "
-              "protocol, see sparsejax.score_mods); impl='xla' and "
-              "'reference' differentiate any mod")
-    return None
+    return _needs_tile_stats(self)
+
+
+def _needs_tile_stats(mod) -> Optional[str]:
+  has_params = any(jnp.issubdtype(jnp.result_type(x), jnp.floating)
+                   for x in jax.tree.leaves(mod))
+  own = getattr(type(mod), "tile_stats", ScoreMod.tile_stats)
+  if has_params and own is ScoreMod.tile_stats:
+    return (f"score mod {type(mod).__name__} has parameters but no "
+            "tile_stats/stats_to_grads (the deterministic kernel gradient "
+            "protocol, see sparsejax.score_mods); impl='xla' and "
+            "'reference' differentiate any mod")
+  return None
+
+
+def kernel_unsupported(mod, impl: str) -> Optional[str]:
+  """Why Pallas implementation `impl` cannot run `mod` (any registered
+  dataclass mod, ScoreMod or not), or None."""
+  if isinstance(mod, ScoreMod):
+    return mod.kernel_unsupported(impl)
+  return _needs_tile_stats(mod)
 
 
 def bucket(width: int, index, value):

@@ -40,8 +40,11 @@ _CUDNN = flags.DEFINE_list("cudnn_lengths", ["32768", "131072"],
                            "lengths for cuDNN dense causal")
 _DECODE = flags.DEFINE_list("decode", ["8x16", "64x16", "256x16"],
                             "decode batch x heads")
-_SPLITS = flags.DEFINE_list("split_sweep", ["2", "4", "8", "16"],
-                            "num_splits tried at B2 T16K H16 (forward)")
+_SWEEP = flags.DEFINE_string(
+    "sweep", "num_splits=2;num_splits=4;num_splits=8:bwd;num_splits=16;"
+    "block_v=64,num_warps=4,num_splits=8;num_stages=2;num_stages_dkv=3:bwd",
+    "Triton TuningConfig settings tried at B2 T16K H16 (';'-separated; "
+    "':bwd' also times forward+backward)")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "d_k = d_v")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "warm-up calls")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "timed repeats (median)")
@@ -50,7 +53,18 @@ _MAX_S = flags.DEFINE_float("max_seconds", 150.0, "time box for all cases")
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny CPU run of every step")
 
 
-def _cases(impls, shapes, lengths, flat, cudnn, splits, d, smoke):
+def _sweep(text):
+  """'a=1,b=2:bwd;c=3' -> [(label, kwargs, bwd_too)]."""
+  out = []
+  for item in filter(None, (x.strip() for x in text.split(";"))):
+    spec, _, flag = item.partition(":")
+    kw = {k.strip(): int(v) for k, v in (p.split("=") for p in
+                                         spec.split(","))}
+    out.append((spec, kw, flag == "bwd"))
+  return out
+
+
+def _cases(impls, shapes, lengths, flat, cudnn, sweep, d, smoke):
   """Timed cases in priority order."""
   dtype = jnp.bfloat16
   out = []
@@ -82,11 +96,11 @@ def _cases(impls, shapes, lengths, flat, cudnn, splits, d, smoke):
       for t in lengths:
         if impl != "xla" or t <= _XLA_MAX.value or smoke:
           add(impl, b, h, t)
-  if main == "pallas_triton":  # 5. split-count sweep
+  if main == "pallas_triton":  # 5. tuning sweep
     from pallas_kernels.gpu.lightning_attention import TuningConfig  # pylint: disable=g-import-not-at-top
-    for ns in splits:
-      add(main, 2, 16, 16384, TuningConfig(num_splits=ns), bwd_too=False,
-          tag=f"[splits={ns}]")
+    for label, kw, bwd_too in sweep:
+      add(main, 2, 16, 16384, TuningConfig(**kw), bwd_too=bwd_too,
+          tag=f"[{label}]")
   return out
 
 
@@ -103,7 +117,7 @@ def main(argv):
   cudnn = [] if smoke else [int(x) for x in _CUDNN.value]
   decode = ([(2, 2)] if smoke else
             [tuple(map(int, x.split("x"))) for x in _DECODE.value])
-  splits = [] if smoke else [int(x) for x in _SPLITS.value]
+  sweep = [] if smoke else _sweep(_SWEEP.value)
   warmup, repeats = (1, 2) if smoke else (_WARMUP.value, _REPEATS.value)
   start = time.perf_counter()
   rows, skipped = [], []
@@ -122,7 +136,7 @@ def main(argv):
     print(f"skipped (time box): {label}", flush=True)
     return False
 
-  cases = _cases(impls, shapes, lengths, flat, cudnn, splits, d, smoke)
+  cases = _cases(impls, shapes, lengths, flat, cudnn, sweep, d, smoke)
   # Compile in the background, time in order as compiles finish.
   pool = concurrent.futures.ThreadPoolExecutor(_WORKERS.value)
   futures = [pool.submit(c.compile) for c in cases]

@@ -55,18 +55,25 @@ class TuningConfig:
   None picks a default: `num_splits` from a wave model of the GPU
   (`vjp.choose_splits` with `num_sms`), `block_v` = min(d_v, 128), or 64
   when d_k > 128 (registers: the state tile is d_k x block_v f32), warps 8
-  for 128 x 128 state tiles (4 below), 2 pipeline stages for 16-bit inputs.
+  for 128 x 128 state tiles (4 below), 3 pipeline stages for 16-bit inputs
+  (2 at d_k 256, 1 for f32: IEEE f32 dots do not use the tensor cores and
+  are slow). The dk/dv kernel streams four tiles (q, k, v, do) next to the
+  state gradient: 2 stages at 128 x 128 state tiles. Resource use of these
+  defaults, compiled for sm90 with Triton 3.9 on CPU (bf16, d = 128):
+  forward 228 registers, 160 KB shared memory; dq 226, 160 KB; dk/dv 255
+  (256 B spilled), 144 KB; the state passes 174, 96 KB.
   """
   num_splits: Optional[int] = None
   block_v: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
+  num_stages_dkv: Optional[int] = None
   num_sms: int = 132  # H100 / H200
   min_chunks_per_split: int = 8
   decode_block_v: Optional[int] = None  # None: enough programs to fill SMs
 
   def __post_init__(self):
-    for name in ("num_splits", "num_warps", "num_stages"):
+    for name in ("num_splits", "num_warps", "num_stages", "num_stages_dkv"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"{name} must be None or a positive int, got {v!r}")
@@ -87,9 +94,12 @@ class TuningConfig:
     """A copy with the per-problem defaults filled in (for a Plan)."""
     bv = min(self.block_v or (128 if dp <= 128 else 64), ep)
     warps = self.num_warps or (8 if dp * bv >= 128 * 64 else 4)
-    stages = self.num_stages or (2 if jnp.dtype(dtype).itemsize < 4 else 1)
+    stages = self.num_stages or (
+        1 if jnp.dtype(dtype).itemsize == 4 else 3 if dp <= 128 else 2)
+    dkv = self.num_stages_dkv or (min(stages, 2) if dp * bv >= 128 * 128
+                                  else stages)
     return dataclasses.replace(self, block_v=bv, num_warps=warps,
-                               num_stages=stages)
+                               num_stages=stages, num_stages_dkv=dkv)
 
 
 def _padded(d: int) -> int:
@@ -113,10 +123,10 @@ def unsupported_decode(dtype, d_k: int, d_v: int) -> Optional[str]:
   return unsupported(dtype, d_k, d_v, None)
 
 
-def _params(plan):
+def _params(plan, stages=None):
   t = plan.tuning
   return pltriton.CompilerParams(num_warps=t.num_warps,
-                                 num_stages=t.num_stages)
+                                 num_stages=stages or t.num_stages)
 
 
 def _ragged(plan) -> bool:
@@ -275,12 +285,13 @@ def _dkv_kernel(slope_ref, q_ref, k_ref, v_ref, do_ref, gin_ref, dk_ref,
   def body(i, grad):
     n = cps - 1 - i
     rows = _rows(n, c)
-    q, k = q_ref[rows, :], k_ref[rows, :]
-    v, do = v_ref[rows, :], do_ref[rows, :]
+    q, do = q_ref[rows, :], do_ref[rows, :]
     kd, cd = dec.tail(n, exact=True)
-    dk, dv = cm.grad_kv(q, k, v, do, grad, dec.d_scaled, kd)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    # dv, then dk: each stored before the next is formed (registers).
+    dv_ref[rows, :] = cm.grad_v(q, k_ref[rows, :], do, grad, dec.d_scaled,
+                                kd).astype(dv_ref.dtype)
+    dk_ref[rows, :] = cm.grad_k(q, v_ref[rows, :], do, grad, dec.d_scaled,
+                                kd).astype(dk_ref.dtype)
     return cm.grad_state_step(grad, q, do, dec.qd_scaled, cd)
 
   grad = jax.lax.fori_loop(0, cps, body, gin_ref[...])
@@ -337,7 +348,8 @@ def backward(q, k, v, slopes, s0, s_in, do, ds_final, plan):
       grid=(ns, h, b, nv),
       in_specs=[sp["slope"], sp["qk"], sp["qk"], sp["v"], sp["v"],
                 sp["state"]],
-      out_specs=out_specs, out_shape=out_shape, compiler_params=params,
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(plan, plan.tuning.num_stages_dkv),
       interpret=plan.interpret, name="sparsejax_lightning_dkv",
   )(slopes, q, k, v, do, g_in)
   dk, dv = outs[0], outs[1]

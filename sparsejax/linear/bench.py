@@ -364,8 +364,10 @@ def report(table: str, rows, ratio, skipped, flat_shape) -> str:
                    f"{100 * r['hbm_fraction']:.0f}% of HBM bandwidth")
   sweep = [r for r in rows if r.get("sweep") and "ms" in r]
   if sweep:
-    lines += ["", "Split sweep (B2 T16384 H16, forward): " + ", ".join(
-        f"{r['sweep']} {r['ms']:.3f} ms" for r in sweep)]
+    lines += ["", "Triton tuning sweep (B2 T16384 H16; the default is the "
+              "table's row): " + ", ".join(
+                  f"{r['sweep']} {'fwd+bwd' if r['bwd'] else 'fwd'} "
+                  f"{r['ms']:.3f} ms" for r in sweep)]
   errors = [r for r in rows if "error" in r]
   if errors:
     lines += ["", "Failures:"] + [

@@ -97,15 +97,25 @@ def grad_q(do, k, v, state, d_scaled, qd_scaled):
           + _dot(do, state.astype(do.dtype), tb=True) * qd_scaled)
 
 
-def grad_kv(q, k, v, do, grad, d_scaled, kd):
-  """(dk [C, d_k], dv [C, d_v]) f32 (grad: G entering at the chunk's end)."""
+def grad_v(q, k, do, grad, d_scaled, kd):
+  """dv [C, d_v] f32 (grad: G entering at the chunk's end)."""
   a = _dot(q, k, tb=True) * d_scaled
+  return (_dot(a.astype(do.dtype), do, ta=True)
+          + _dot((k * kd).astype(k.dtype), grad.astype(k.dtype)))
+
+
+def grad_k(q, v, do, grad, d_scaled, kd):
+  """dk [C, d_k] f32."""
   dp = _dot(do, v, tb=True) * d_scaled
-  dv = (_dot(a.astype(do.dtype), do, ta=True)
-        + _dot((k * kd).astype(k.dtype), grad.astype(k.dtype)))
-  dk = (_dot(dp.astype(q.dtype), q, ta=True)
-        + _dot(v, grad.astype(v.dtype), tb=True) * kd)
-  return dk, dv
+  return (_dot(dp.astype(q.dtype), q, ta=True)
+          + _dot(v, grad.astype(v.dtype), tb=True) * kd)
+
+
+def grad_kv(q, k, v, do, grad, d_scaled, kd):
+  """(dk, dv): `grad_k` and `grad_v` (kernels call them one after the
+  other, storing each result before the next, to bound live registers)."""
+  return (grad_k(q, v, do, grad, d_scaled, kd),
+          grad_v(q, k, do, grad, d_scaled, kd))
 
 
 def grad_state_step(grad, q, do, qd_scaled, cd):

@@ -16,6 +16,8 @@ class TestReference(ScatterbrainSuite):
   IMPL = "reference"
   CASE_NAMES = ("causal_more_keys_gqa",)
   LOW_PRECISION = ("bfloat16",)
+  CORNERS = (True,)
+  EMPTY_MASKS = ("explicit",)
 
 
 # Interpret mode is slow on CPU: each kernel class runs one causal and one

@@ -83,13 +83,13 @@ def _cases(impls, shapes, lengths, flat, cudnn, sweep, d, smoke):
       add(main, b, h, t)
   for b, h in shapes:  # 2. cuDNN dense causal (and ours) at 32K, 128K
     for t in cudnn:
-      if (b, h) != shapes[0]:
+      if t not in lengths:
         add(main, b, h, t)
       out.append(bench.Case("cudnn dense causal", bench.cudnn_contender,
-                            bench.Shape(b, h, t, d), dtype))
+                            bench.Shape(b, h, t, d), dtype, repeats=3))
   b, h = shapes[0]
-  for t in flat:  # 3. time per token from 2K to 128K
-    if t not in cudnn:
+  for t in flat:  # 3. time per token from 2K to 128K (with 1. and 2.)
+    if t not in lengths and t not in cudnn:
       add(main, b, h, t)
   for impl in impls[1:]:  # 4. the other implementations
     for b, h in shapes:

@@ -1,9 +1,9 @@
 """Lightning-attention benchmarks: fla's shapes, length sweeps, decode, cuDNN.
 
 Used by experiments/bench_linear.py (benchmarks/linear/run_h200.sh). Timing
-is `sparsejax.benchmark.median_ms`: compile, warm-up calls, then the median
-of repeats, each `inner` un-synchronised calls closed by one device sync, on
-random normal inputs (q, k scaled by d^-1/2), the same shapes for every
+(`time_fn`): the compiled function, warm-up calls, then the median of
+repeats, each `inner` back-to-back calls (about 20 ms) closed by one device
+sync, on random normal inputs (q, k scaled by d^-1/2), the same shapes for every
 contender. Reported per row: ms, useful TFLOP/s of the chunked algorithm
 (2 T (C (d_k + d_v) + 2 d_k d_v) per head forward, C = 64, 3.5x for
 forward+backward: the peers' convention) and the fraction of HBM bandwidth
@@ -14,6 +14,7 @@ forward; plus q, k, v, do read and dq, dk, dv written backward).
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -74,6 +75,7 @@ class Case:
   bwd_too: bool = True
   check: Optional[Callable] = None
   tag: str = ""
+  repeats: Optional[int] = None  # overrides the caller's (slow contenders)
   compiled: Dict[Any, Any] = dataclasses.field(default_factory=dict)
   error: Optional[str] = None
 
@@ -125,8 +127,8 @@ class Case:
         base["rel_err_vs_xla_f32"] = rel_error(
             self.compiled[False](q, k, v), check(q, k, v, slopes))
       for bwd, fn in self.compiled.items():
-        ms = time_fn(fn, (q, k, v, do) if bwd else (q, k, v), warmup,
-                     repeats)
+        ms = time_fn(fn, (q, k, v, do) if bwd else (q, k, v),
+                     1 if self.repeats else warmup, self.repeats or repeats)
         row = dict(base, bwd=bwd, ms=ms,
                    ms_per_mtoken=ms / (s.batch * s.seq / 1e6),
                    useful_tflops=flops(s, bwd) / ms / 1e9,
@@ -142,18 +144,22 @@ class Case:
     return out
 
 
-def _inner_for(fn, args) -> int:
-  """Un-synchronised calls per timed repeat: about 20 ms of work."""
-  jax.block_until_ready(fn(*args))
+def time_fn(fn, args, warmup: int, repeats: int) -> float:
+  """Median ms per call over `repeats` timings of `inner` back-to-back calls
+  (about 20 ms of work, one device sync each); the first, probing call
+  counts as a warm-up (fn is already compiled)."""
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))
-  ms = (time.perf_counter() - t0) * 1e3
-  return int(max(1, min(50, 20.0 / max(ms, 1e-3))))
-
-
-def time_fn(fn, args, warmup: int, repeats: int) -> float:
-  return benchmark.median_ms(fn, args, warmup, repeats,
-                             inner=_inner_for(fn, args))
+  probe = (time.perf_counter() - t0) * 1e3
+  inner = int(max(1, min(50, 20.0 / max(probe, 1e-3))))
+  for _ in range(max(0, warmup - 1)):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready([fn(*args) for _ in range(inner)])
+    times.append((time.perf_counter() - t0) * 1e3 / inner)
+  return statistics.median(times)
 
 
 def lightning_contender(impl: str, tuning=None) -> Callable:

@@ -41,8 +41,11 @@ def get_config(arg=None):
 
   # max_bytes caps the text corpus (stdlib source) so building stays fast;
   # raise it for long-context runs that need more eval text.
+  # pack: text_corpus chunks carry segment ids and per-document positions
+  # (attention stays inside each file; no loss across a boundary).
   config.data = ml_collections.ConfigDict(dict(name=arg.task, data_dir=None,
-                                               max_bytes=4_000_000))
+                                               max_bytes=4_000_000,
+                                               pack=False))
 
   config.model = ml_collections.ConfigDict(dict(
       name=_MODEL_FOR_TASK.get(arg.task, "lm"), d_model=32 if arg.small else 128,

@@ -11,7 +11,10 @@ No TensorFlow is needed (or imported) to build or read any of these.
 
 cfg.name (data.NAMES, or "tfds:<name>"), batch layouts:
   text_corpus  byte LM over local files (default: this Python's stdlib .py
-               files); keys root, pattern ("**/*.py"), max_bytes (4e6).
+               files); keys root, pattern ("**/*.py"), max_bytes (4e6),
+               pack (False): True adds "segment_ids" and "positions"
+               int32[B, L] (one id per file in the chunk; positions restart
+               per file) and masks targets that start a new file.
   mqar         multi-query associative recall; keys num_kv_pairs,
                vocab_size (8192).
   needle       key -> value needle in a haystack; keys key_len, value_len.

@@ -72,7 +72,8 @@ def _source_and_ops(cfg, split: str, seq_len: int):
         data_dir, root=_get(cfg, "root"), pattern=_get(cfg, "pattern"),
         max_bytes=_get(cfg, "max_bytes")))
     blocks = b.as_data_source(_tfds_split(split, b))
-    return text_corpus.ByteChunks(blocks, seq_len), []
+    return text_corpus.ByteChunks(blocks, seq_len,
+                                  pack=_get(cfg, "pack", False)), []
   if name in _BUILDERS:
     b = builder_base.prepare(_synthetic_builder(cfg, seq_len))
     kind = tfds_source.kind(b)

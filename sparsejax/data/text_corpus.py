@@ -7,7 +7,10 @@ separator, into one byte stream per split and stores it
 as fixed-size blocks, in order. ~5% of files (by a hash of their relative
 path) form the eval split. `ByteChunks` then serves any `seq_len` from the
 same files: chunk i is bytes [i*L, i*L + L + 1) -> inputs/targets, so every
-byte is a target exactly once per epoch.
+byte is a target exactly once per epoch. With `pack=True` each chunk also
+carries its documents' segment ids and per-document positions (for RoPE),
+and the loss skips targets that start a new document (no training across
+a boundary); the model keeps attention inside each document.
 """
 
 import dataclasses
@@ -109,12 +112,35 @@ class SjTextCorpus(builder_base.SyntheticBuilder):
       yield i // BLOCK_SIZE, {"text": stream[i:i + BLOCK_SIZE]}
 
 
-class ByteChunks:
-  """Random-access source of LM examples cut from a stream of byte blocks."""
+def document_fields(tokens: np.ndarray) -> dict:
+  """Segment ids, positions and loss mask of a chunk of seq_len + 1 tokens.
 
-  def __init__(self, blocks, seq_len: int):
+  A document is a file's bytes and its 0 separator, so a separator ends its
+  document (predicting it is predicting the end). Ids count the separators
+  before each input token; positions restart at each document; a target in
+  another document than its input is masked.
+  """
+  ids = np.concatenate([[0], np.cumsum(tokens[:-1] == 0)]).astype(np.int32)
+  n = len(tokens) - 1
+  start = np.maximum.accumulate(np.where(
+      np.concatenate([[True], ids[1:n] != ids[:n - 1]]), np.arange(n), 0))
+  return {"segment_ids": ids[:-1],
+          "positions": (np.arange(n) - start).astype(np.int32),
+          "loss_mask": (ids[1:] == ids[:-1]).astype(np.float32)}
+
+
+class ByteChunks:
+  """Random-access source of LM examples cut from a stream of byte blocks.
+
+  pack: also emit segment_ids / positions and mask cross-document targets
+  (`document_fields`); False keeps one plain stream (attention crosses
+  document boundaries).
+  """
+
+  def __init__(self, blocks, seq_len: int, pack: bool = False):
     self._blocks = blocks
     self._seq_len = seq_len
+    self._pack = bool(pack)
     n = len(blocks)
     total = (n - 1) * BLOCK_SIZE + len(blocks[n - 1]["text"])
     self._len = (total - 1) // seq_len
@@ -132,8 +158,12 @@ class ByteChunks:
     offset = start - (start // BLOCK_SIZE) * BLOCK_SIZE
     data = b"".join(parts)[offset:offset + self._seq_len + 1]
     tokens = np.frombuffer(data, np.uint8).astype(np.int32)
-    return {"inputs": tokens[:-1], "targets": tokens[1:],
-            "loss_mask": np.ones(self._seq_len, np.float32)}
+    out = {"inputs": tokens[:-1], "targets": tokens[1:],
+           "loss_mask": np.ones(self._seq_len, np.float32)}
+    if self._pack:
+      out.update(document_fields(tokens))
+    return out
 
   def __repr__(self) -> str:
-    return f"ByteChunks(len={self._len}, seq_len={self._seq_len})"
+    return (f"ByteChunks(len={self._len}, seq_len={self._seq_len}, "
+            f"pack={self._pack})")

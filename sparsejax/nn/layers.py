@@ -116,7 +116,9 @@ class Attention(nnx.Module):
     self.num_heads, self.head_dim = num_heads, head_dim
 
   def __call__(self, x, positions=None, segment_ids=None):
-    """x [B, L, d_model] -> [B, L, d_model]; segment_ids [B, L] or None."""
+    """x [B, L, d_model] -> [B, L, d_model]; segment_ids [B, L] or None
+    (packed documents: attention stays inside each id; pass per-document
+    positions for RoPE)."""
     c = lambda p: p[...].astype(self.dtype)
     q = jnp.einsum("bld,dhk->blhk", x, c(self.wq))
     k = jnp.einsum("bld,dhk->blhk", x, c(self.wk))
@@ -127,9 +129,8 @@ class Attention(nnx.Module):
       q = rope(q, positions, self.rope_theta)
       k = rope(k, positions, self.rope_theta)
     mask = self.mask.get_value() if self.mask is not None else None
-    if segment_ids is not None:
-      raise NotImplementedError("segment_ids are not supported yet")
-    out = sj.attention(q, k, v, mask, soft_cap=self.soft_cap, impl=self.impl)
+    out = sj.attention(q, k, v, mask, soft_cap=self.soft_cap, impl=self.impl,
+                       q_segment_ids=segment_ids)
     return jnp.einsum("blhk,hkd->bld", out.astype(self.dtype), c(self.wo))
 
   def visible_per_query(self, seq_len: int) -> float:

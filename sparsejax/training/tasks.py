@@ -19,6 +19,13 @@ class Task:
   metric_sums: Callable[[jax.Array, dict], dict]
   # Named eval metrics from summed metrics.
   finalize: Callable[[dict], dict]
+  # Extra keyword arguments of the model call (packed documents).
+  model_kwargs: Callable[[dict], dict] = lambda batch: {}
+
+
+def _lm_kwargs(batch):
+  """segment_ids / positions of packed documents, when the batch has them."""
+  return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
 
 
 def _lm_sums(logits, batch):
@@ -49,7 +56,7 @@ def _cls_finalize(sums):
 
 
 TASKS = {
-    "lm": Task(lambda b: b["inputs"], _lm_sums, _lm_finalize),
+    "lm": Task(lambda b: b["inputs"], _lm_sums, _lm_finalize, _lm_kwargs),
     "seq_cls": Task(lambda b: b["inputs"], _cls_sums, _cls_finalize),
     "image_cls": Task(lambda b: b["image"], _cls_sums, _cls_finalize),
 }

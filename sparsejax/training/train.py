@@ -8,8 +8,8 @@ differentiated, never donated, never checkpointed). model_state holds the
 checkpointed in the train state, never differentiated. Layers may write
 `AuxLoss` terms, which the step adds to the task loss. `config.trainable`
 (a regex on parameter paths, e.g. "attn/gate/") trains only the matching
-params; `config.init_from` starts a new run from another run's params (e.g. a dense
-checkpoint for SeerAttention's gate distillation).
+params; `config.init_from` starts a new run from another run's params (e.g.
+a dense checkpoint for SeerAttention's gate distillation).
 """
 
 import functools
@@ -110,7 +110,8 @@ def _forward_sums(graphdef, task, params, consts, batch):
   """consts: a State, or a tuple of States (consts, model_state)."""
   consts = consts if isinstance(consts, tuple) else (consts,)
   model = nnx.merge(graphdef, params, *consts)
-  return task.metric_sums(model(task.inputs(batch)), batch)
+  return task.metric_sums(
+      model(task.inputs(batch), **task.model_kwargs(batch)), batch)
 
 
 def _split_trainable(params, trainable: Optional[str]):
@@ -158,7 +159,8 @@ def train_step(graphdef, tx, task, state, consts, batch, *, trainable=None):
     # StepState and AuxLoss values (nnx forbids writes across levels).
     fresh = lambda tree: jax.tree.map(lambda x: x, tree)
     model = nnx.merge(graphdef, params, fresh(consts), fresh(model_state))
-    sums = task.metric_sums(model(task.inputs(batch)), batch)
+    sums = task.metric_sums(
+        model(task.inputs(batch), **task.model_kwargs(batch)), batch)
     loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
     aux = sum(jnp.sum(x) for x in jax.tree.leaves(nnx.state(model, AuxLoss)))
     new_model_state = jax.lax.stop_gradient(nnx.state(model, StepState))
@@ -212,6 +214,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
     state["params"] = checkpoints.restore_matching(
         state["params"], os.path.join(config.init_from, "checkpoints"))
   state, step = (restored, step) if restored is not None else (state, 0)
+  if restored is not None:
+    # WARNING: visible under the main job's default verbosity.
+    logging.warning("resumed from step %d (%s)", step, ckpt.directory)
   total = config.num_train_steps
   last = total if max_steps is None else min(total, max_steps)
 

@@ -88,7 +88,11 @@ class LightningAttention(nnx.Module):
     if segment_ids is not None:
       raise NotImplementedError("segment_ids (packed documents) are not "
                                 "supported by lightning layers yet")
-    return self.prefill(x)[0]
+    q, k, v = self._qkv(x)
+    o = sj.linear.lightning_attention(
+        q, k, v, self._slopes(), scale=self.scale, impl=self.impl,
+        chunk_size=self.chunk_size)
+    return self._finish(x, o)
 
   def prefill(self, x):
     """(output [B, L, d_model], state [B, heads, d, d] f32 after token L-1)."""

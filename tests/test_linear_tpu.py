@@ -78,7 +78,7 @@ def test_race_free_on_two_cores():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
   except ImportError:
     pytest.skip("TPU interpret race state moved in this jax version")
-  case = base.Case("race", 2, 40, 2, 16, 16, (0.3, 0.0))
+  case = base.Case("race", 1, 32, 2, 16, 16, (0.3, 0.0))  # 2 programs
   q, k, v, slopes, s0, _, _ = base.inputs(case, jnp.float32)
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
   o, final = sj.linear.lightning_attention(

@@ -38,10 +38,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "eval_steps": 8}),
     # One H200, <= 90 s for both variants (compiles included), bf16.
     "gpu": dict(every=8, variants=("softmax", "lightning_hybrid"), common={
-        **_BASE, "seq_len": 512, "batch_size": 16, "num_train_steps": 250,
+        **_BASE, "seq_len": 512, "batch_size": 16, "num_train_steps": 200,
         "model.num_layers": 8, "model.d_model": 256, "model.mlp_dim": 1024,
         "dtype": "bfloat16", "attention.impl": "auto", "log_every": 25,
-        "eval_every": 125, "eval_steps": 8, "data.max_bytes": 8_000_000}),
+        "eval_every": 100, "eval_steps": 8, "checkpoint.every": 200,
+        "data.max_bytes": 8_000_000}),
     # Seconds: the code path only.
     "smoke": dict(every=2, variants=("softmax", "lightning_hybrid"), common={
         **_BASE, "seq_len": 64, "batch_size": 4, "num_train_steps": 4,

@@ -48,7 +48,8 @@ def test_table_against_the_faster_fla_kernel(tmp_path):
 
 def test_quality_plot_and_presets(tmp_path):
   runs = {name: dict(train_loss=[(1, 3.0), (2, 2.5)],
-                     eval_loss=[(2, 2.6 + i / 10)], eval=dict(loss=2.6 + i / 10))
+                     eval_loss=[(2, 2.6 + i / 10)],
+                     eval=dict(loss=2.6 + i / 10))
           for i, name in enumerate(("softmax", "lightning_hybrid"))}
   result = dict(preset="cpu", hybrid_every=8, runs=runs,
                 gap_vs_softmax={"softmax": 0.0, "lightning_hybrid": 0.04})

@@ -79,7 +79,7 @@ def chunk_decay(slope, c: int, last):
 
 
 def output(q, k, v, state, d_scaled, qd_scaled):
-  """o [C, d_v] f32; d_scaled = intra_decay(., scale), qd = q_decay(., scale)."""
+  """o [C, d_v] f32 (d_scaled, qd_scaled: intra_decay, q_decay * scale)."""
   s = _dot(q, k, tb=True) * d_scaled
   return (_dot(s.astype(v.dtype), v)
           + _dot(q, state.astype(q.dtype)) * qd_scaled)

@@ -12,6 +12,7 @@ from flax import nnx
 
 import sparsejax as sj
 from sparsejax.learned import minference
+from sparsejax.nn import learned_layers
 from tests.block_probs_test_base import assert_close
 
 B = 16  # block size of these tests
@@ -151,6 +152,15 @@ def test_layer_with_dense_patterns_equals_causal_attention():
   apply = lambda m: jax.jit(lambda s, x: nnx.merge(nnx.graphdef(m), s)(x))(
       nnx.state(m), x)
   assert_close("layer", apply(layer), apply(plain), 2e-5)
+  # Packed documents: attention stays inside each segment.
+  seg = jnp.repeat(jnp.arange(4), 16)[None]
+  got = jax.jit(lambda s, x, seg: nnx.merge(nnx.graphdef(layer), s)(
+      x, segment_ids=seg))(nnx.state(layer), x, seg)
+  _, _, v, qr, kr = learned_layers.projections(layer, x, None)
+  want = learned_layers.output(layer, sj.attention(
+      qr, kr, v, sj.masks.causal(64, block_size=B), q_segment_ids=seg,
+      impl="reference"))
+  assert_close("segments", got, want, 2e-5)
   with pytest.raises(ValueError, match="unknown MInference pattern"):
     minference.parse_pattern("stripes:3")
   assert minference.parse_pattern("vertical_slash:10:20") == (

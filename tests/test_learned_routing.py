@@ -57,14 +57,12 @@ def _routing_fn(impl, interpret):
   return go
 
 
-@pytest.mark.parametrize("impl,interpret", [("xla", False),
-                                            ("pallas_triton", True)])
-def test_matches_float64_reference_with_grads(impl, interpret):
+def test_matches_float64_reference_with_grads():
   """Overlapping equal-size clusters (tokens in 0, 1 or several), GQA."""
   q, k, v, key = _qkv()
   idx = _members(q, 3, 32, key)
   g = jax.random.normal(jax.random.key(9), q.shape)
-  got = _routing_fn(impl, interpret)(q, k, v, idx, g)
+  got = _routing_fn("xla", False)(q, k, v, idx, g)
   with x64():
     as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
     want = _routing_fn("reference", False)(as64(q), as64(k), as64(v), idx,
@@ -76,6 +74,10 @@ def test_matches_float64_reference_with_grads(impl, interpret):
     assert_close(name, a, b, 2e-5)
   out = np.asarray(got[0])
   assert np.all(out[np.swapaxes(count, 1, 2) == 0] == 0)  # unrouted: 0
+  # The same through the Triton kernel (interpret mode), forward.
+  tri = jax.jit(lambda q, k, v: sj.learned.routing_attention(
+      q, k, v, idx, impl="pallas_triton", interpret=True))(q, k, v)
+  assert_close("out (pallas_triton)", tri, want[0], 2e-5)
 
 
 def test_one_cluster_equals_dense_causal():
@@ -145,8 +147,10 @@ def test_train_step_keeps_the_step_state():
   model = sj.nn.TransformerLM(
       vocab_size=64, seq_len=64, d_model=32, num_layers=1, num_heads=4,
       num_kv_heads=2, mlp_dim=64, rngs=nnx.Rngs(0),
-      attention=dict(name="routing_transformer", impl="xla", options=dict(
-          window=16, local_window=32, block_size=16, decay=0.9)))
+      # impl "reference": the plumbing is under test, and it compiles fast.
+      attention=dict(name="routing_transformer", impl="reference",
+                     options=dict(window=16, local_window=32, block_size=16,
+                                  decay=0.9)))
   graphdef, params, model_state, consts = nnx.split(model, nnx.Param,
                                                     StepState, ...)
   tx = optax.adam(1e-3)
@@ -162,10 +166,16 @@ def test_train_step_keeps_the_step_state():
                                  for a, b in zip(after, before))
   assert 0 < float(metrics["aux_loss"]) < 1e-2
   assert float(metrics["update_norm"]) > 0
-  # needle_long-style callers split without StepState: still trains.
+  # needle_long-style callers split without StepState, so consts hold the
+  # initial one while the state carries the updated one: the state wins.
   graphdef3, params3, consts3 = nnx.split(model, nnx.Param, ...)
   step3 = jax.jit(functools.partial(train.train_step, graphdef3, tx,
                                     tasks.get_task("lm")))
-  s3, _ = step3(train.init_state(tx, params3), consts3, batch)
-  s3, _ = step3(s3, consts3, batch)
+  s3, _ = step3(train.init_state(tx, params3, new["model_state"]), consts3,
+                batch)
   assert len(jax.tree.leaves(s3["model_state"])) == 2
+  again, _ = step(train.init_state(tx, params, new["model_state"]), consts,
+                  batch)
+  for a, b in zip(jax.tree.leaves(s3["model_state"]),
+                  jax.tree.leaves(again["model_state"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -221,7 +221,7 @@ def layer_qk(model, tokens):
   positions = jnp.arange(tokens.shape[1])[None]
   out = []
   for block in model.blocks:
-    *_, qr, kr = learned_layers._projections(  # pylint: disable=protected-access
+    *_, qr, kr = learned_layers.projections(
         block.attn, block.attn_norm(x), positions)
     out.append((qr, kr))
     x = block(x, positions)

@@ -151,12 +151,25 @@ def select_blocks(scores, *, density: Optional[float] = None,
   if threshold is not None:
     keep = jax.nn.softmax(scores, axis=-1) > threshold
   else:
-    kk = density_to_topk(density, nk)
-    _, idx = jax.lax.top_k(scores, min(kk, nk))
-    keep = jax.nn.one_hot(idx, nk, dtype=jnp.bool_).any(-2)
+    keep = top_k_mask(scores, density_to_topk(density, nk))
   rows = jnp.arange(nq)[:, None]
   forced = (rows == jnp.arange(nk)[None, :]) | (rows >= nq - last_dense)
   return (keep | forced) & causal
+
+
+def top_k_mask(scores, k: int):
+  """bool, scores' shape: the k largest entries of each row (last axis).
+
+  A scatter of the top-k indices: exactly k per row (ties broken by
+  lax.top_k), and no [..., k, n] one-hot in memory.
+  """
+  n = scores.shape[-1]
+  k = min(k, n)
+  _, idx = jax.lax.top_k(scores, k)
+  rows = idx.reshape(-1, k)
+  keep = jnp.zeros((rows.shape[0], n), jnp.bool_).at[
+      jnp.arange(rows.shape[0])[:, None], rows].set(True)
+  return keep.reshape(scores.shape)
 
 
 def gate_block_mask(blocks, *, block_size: int, q_len: int,

@@ -44,7 +44,7 @@ import numpy as np
 
 from sparsejax.block_sparse import mask_fns
 from sparsejax.block_sparse import masks as masks_lib
-from sparsejax.learned.gate import block_causal, pool_blocks
+from sparsejax.learned.gate import block_causal, pool_blocks, top_k_mask
 
 
 def _blocks(tokens: int, block: int) -> int:
@@ -54,12 +54,6 @@ def _blocks(tokens: int, block: int) -> int:
 def _repeat_kv(k, heads):
   return jnp.repeat(k, heads // k.shape[2], axis=2)
 
-
-def _top_mask(scores, count: int):
-  """bool [..., n]: the `count` largest entries of the last axis."""
-  n = scores.shape[-1]
-  _, idx = jax.lax.top_k(scores, min(count, n))
-  return jax.nn.one_hot(idx, n, dtype=jnp.bool_).any(-2)
 
 
 def _finish(blocks):
@@ -93,20 +87,27 @@ def vertical_slash_scores(q, k, *, last_q: int = 64,
   at position p sees keys <= p); vertical[j] is column j's sum, slash[o] the
   sum along the diagonal q_pos - kv_pos = o.
   """
-  b, lq, h, d = q.shape
+  _, lq, h, d = q.shape
   lk = k.shape[1]
+  if lq != lk:
+    raise ValueError(f"vertical-slash estimation is for self-attention "
+                     f"prefill: q_len ({lq}) must equal kv_len ({lk})")
   last_q = min(last_q, lq)
   scale = d ** -0.5 if scale is None else scale
   pos = lq - last_q + jnp.arange(last_q)  # query positions
   s = jnp.einsum("bqhd,bkhd->bhqk", q[:, -last_q:].astype(jnp.float32),
                  _repeat_kv(k, h).astype(jnp.float32)) * scale
-  offset = pos[:, None] - jnp.arange(lk)[None, :]  # [last_q, Lk]
-  s = jnp.where(offset >= 0, s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1)
+  s = jnp.where(jnp.arange(lk)[None, :] <= pos[:, None], s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)  # [B, H, last_q, Lk]
   vertical = p.sum(2)
-  slash = jnp.zeros((b, h, lk), jnp.float32).at[
-      :, :, jnp.clip(offset, 0, lk - 1)].add(jnp.where(offset >= 0, p, 0.0))
-  return vertical, slash
+  # Diagonal sums by shearing: query row i (position lk - last_q + i) at
+  # offset o reads key lk - last_q + i - o, i.e. its reversed row at
+  # o + last_q - 1 - i (zero past the row's start).
+  rev = jnp.pad(jnp.flip(p, -1), ((0, 0), (0, 0), (0, 0), (0, last_q)))
+  shear = jax.vmap(lambda row, shift: jax.lax.dynamic_slice_in_dim(
+      row, shift, lk, axis=-1), in_axes=(2, 0), out_axes=2)(
+          rev, last_q - 1 - jnp.arange(last_q))
+  return vertical, shear.sum(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +139,9 @@ class VerticalSlash:
     # Forced lines force their blocks (+inf wins every top-k).
     vforced = np.arange(nk) <= (min(self.init, lk) - 1) // block
     sforced = np.arange(nk) <= -(-(min(self.local, lk) - 1) // block)
-    vkeep = _top_mask(jnp.where(vforced, jnp.inf, vblock),
+    vkeep = top_k_mask(jnp.where(vforced, jnp.inf, vblock),
                       max(_blocks(self.vertical, block), int(vforced.sum())))
-    skeep = _top_mask(jnp.where(sforced, jnp.inf, sblock),
+    skeep = top_k_mask(jnp.where(sforced, jnp.inf, sblock),
                       max(_blocks(self.slash, block), int(sforced.sum())))
     diag = jnp.clip(jnp.arange(nq)[:, None] - jnp.arange(nk)[None, :], 0,
                     nk - 1)  # block offset of (qb, kb)
@@ -160,7 +161,7 @@ class BlockSparse:
     s = jnp.einsum("bihd,bjhd->bhij", qp, kp) * d ** -0.5
     nq, nk = s.shape[2:]
     s = jnp.where(block_causal(nq, nk), s, -jnp.inf)
-    return _finish(_top_mask(s, self.topk))
+    return _finish(top_k_mask(s, self.topk))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +212,8 @@ def head_blocks(q, k, patterns: Union[Pattern, Sequence[Pattern]], *,
                      f"heads")
   kr = _repeat_kv(k, h)
   parts, order = [], []
+  if len(set(patterns)) == 1:  # one pattern: no per-head gathers
+    return patterns[0].blocks(q, kr, block_size)
   for pattern in dict.fromkeys(patterns):  # distinct, in first-use order
     heads = [i for i, p in enumerate(patterns) if p == pattern]
     sel = np.asarray(heads)

@@ -43,7 +43,7 @@ def routing_norm(x, eps: float = 1e-6):
   return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def _check_window(window: int, length: int, num_clusters: int):
+def check_window(window: int, length: int, num_clusters: int):
   if (not isinstance(window, int) or window < 16 or window & (window - 1)):
     raise ValueError(f"window must be a power of two >= 16 (it is the "
                      f"cluster block of the BlockMask), got {window!r}")
@@ -61,7 +61,7 @@ def cluster_members(x_norm, centroids, window: int):
   [H, C, D]. Cluster c takes the `window` tokens with the largest dot
   product with its centroid, sorted by position.
   """
-  _check_window(window, x_norm.shape[1], centroids.shape[1])
+  check_window(window, x_norm.shape[1], centroids.shape[1])
   scores = jnp.einsum("blhd,hcd->bhcl", x_norm, centroids.astype(jnp.float32))
   _, idx = jax.lax.top_k(scores, window)
   return jnp.sort(idx, axis=-1).astype(jnp.int32)
@@ -125,7 +125,7 @@ def routing_attention(q, k, v, idx, *, causal: bool = True,
     raise ValueError(f"idx must be [batch={b}, heads={h}, clusters, window],"
                      f" got {idx.shape}")
   c, w = idx.shape[2:]
-  _check_window(w, l, c)
+  check_window(w, l, c)
   if impl == "reference":
     from sparsejax.learned import reference  # pylint: disable=g-import-not-at-top
     return reference.routing_attention_reference(

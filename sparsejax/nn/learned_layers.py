@@ -28,7 +28,7 @@ from sparsejax.nn import attention_registry
 from sparsejax.nn import layers
 
 
-def _projections(layer: layers.Attention, x, positions):
+def projections(layer: layers.Attention, x, positions):
   """(q, k, v, q_rope, k_rope) of an `Attention`'s weights, [B, L, H, D]."""
   c = lambda p: p[...].astype(layer.dtype)
   q = jnp.einsum("bld,dhk->blhk", x, c(layer.wq))
@@ -42,14 +42,14 @@ def _projections(layer: layers.Attention, x, positions):
           layers.rope(k, positions, layer.rope_theta))
 
 
-def _output(layer: layers.Attention, out):
+def output(layer: layers.Attention, out):
   return jnp.einsum("blhk,hkd->bld", out.astype(layer.dtype),
                     layer.wo[...].astype(layer.dtype))
 
 
-def _no_segments(name, segment_ids):
+def _no_segments(name, segment_ids, why):
   if segment_ids is not None:
-    raise NotImplementedError(f"{name} does not support segment_ids yet")
+    raise NotImplementedError(f"{name} does not support segment_ids: {why}")
 
 
 def _attention_kwargs(spec):
@@ -106,16 +106,23 @@ class SeerAttention(layers.Attention):
     self.gate_loss_scale = gate_loss_scale
 
   def __call__(self, x, positions=None, segment_ids=None):
-    _no_segments("seer", segment_ids)
-    q, k, v, qr, kr = _projections(self, x, positions)
+    """x [B, L, d_model]; segment_ids [B, L] (packed documents) or None.
+
+    With segment ids the attention stays inside each segment (the core
+    refines the gate's blocks); the gate itself scores across them.
+    """
+    if self.mode == "distill":
+      _no_segments("seer (distill mode)", segment_ids, "the ground truth "
+                   "(block_attention_probs) is over the whole causal row")
+    q, k, v, qr, kr = projections(self, x, positions)
     run = {"sparse": self._sparse, "distill": self._distill,
            "dense": self._dense}[self.mode]
-    return _output(self, run(q, k, v, qr, kr, positions))
+    return output(self, run(q, k, v, qr, kr, positions, segment_ids))
 
-  def _dense(self, q, k, v, qr, kr, positions):
+  def _dense(self, q, k, v, qr, kr, positions, segment_ids):
     del q, k, positions
     return sj.attention(qr, kr, v, self.mask.get_value(), impl=self.impl,
-                        soft_cap=self.soft_cap)
+                        soft_cap=self.soft_cap, q_segment_ids=segment_ids)
 
   def select(self, q, k, positions=None):
     """The kept blocks bool [B, H, nq, nk] for un-roped q, k."""
@@ -125,16 +132,16 @@ class SeerAttention(layers.Attention):
     return gate_lib.select_blocks(scores, last_dense=self.last_dense_blocks,
                                   **sel)
 
-  def _sparse(self, q, k, v, qr, kr, positions):
+  def _sparse(self, q, k, v, qr, kr, positions, segment_ids):
     blocks = self.select(q, k, positions)
     self.density_kept[...] = gate_lib.causal_density(blocks).mean()
     mask = gate_lib.gate_block_mask(blocks, block_size=self.block_size,
                                     q_len=q.shape[1])
     return sj.attention(qr, kr, v, mask, impl=self.impl,
-                        soft_cap=self.soft_cap)
+                        soft_cap=self.soft_cap, q_segment_ids=segment_ids)
 
-  def _distill(self, q, k, v, qr, kr, positions):
-    out = self._dense(q, k, v, qr, kr, positions)
+  def _distill(self, q, k, v, qr, kr, positions, segment_ids):
+    out = self._dense(q, k, v, qr, kr, positions, segment_ids)
     sg = jax.lax.stop_gradient
     scores = self.gate(sg(q), sg(k), positions)
     impl = self.impl if self.impl in PROBS_REGISTRY.names() else "auto"
@@ -201,7 +208,7 @@ class RoutingTransformerAttention(layers.Attention):
     # num_clusters keeps the centroids' shape across lengths).
     window = window or seq_len // num_clusters
     num_clusters = num_clusters or max(1, seq_len // window)
-    routing_lib._check_window(window, seq_len, num_clusters)  # pylint: disable=protected-access
+    routing_lib.check_window(window, seq_len, num_clusters)
     local = (sj.masks.sliding_window(
         seq_len, min(local_window, seq_len),
         block_size=min(block_size, seq_len)) if local_heads else None)
@@ -223,8 +230,10 @@ class RoutingTransformerAttention(layers.Attention):
     return routing_lib.centroids_from(self.ema_sum[...], self.ema_count[...])
 
   def __call__(self, x, positions=None, segment_ids=None):
-    _no_segments("routing_transformer", segment_ids)
-    q, k, v, qr, kr = _projections(self, x, positions)
+    _no_segments("routing_transformer", segment_ids, "each head gathers "
+                 "its own token order, and the core takes one order of "
+                 "segment ids per batch row")
+    q, k, v, qr, kr = projections(self, x, positions)
     nl, g = self.local_heads, self.group
     outs = []
     if nl:
@@ -244,7 +253,7 @@ class RoutingTransformerAttention(layers.Attention):
     _, ema_sum, ema_count = routing_lib.kmeans_ema_update(
         x_route, self.ema_sum[...], self.ema_count[...], decay=self.decay)
     self.ema_sum[...], self.ema_count[...] = ema_sum, ema_count
-    return _output(self, jnp.concatenate(outs, axis=2))
+    return output(self, jnp.concatenate(outs, axis=2))
 
   def visible_per_query(self, seq_len: int) -> float:
     local = super().visible_per_query(seq_len) if self.local_heads else 0.0
@@ -290,16 +299,18 @@ class MInferenceAttention(layers.Attention):
     self.density_kept = nnx.Intermediate(jnp.ones((), jnp.float32))
 
   def __call__(self, x, positions=None, segment_ids=None):
-    _no_segments("minference", segment_ids)
-    _, _, v, qr, kr = _projections(self, x, positions)
+    """x [B, L, d_model]; segment_ids [B, L] or None (attention stays
+    inside each segment; the estimate looks across them)."""
+    _, _, v, qr, kr = projections(self, x, positions)
     blocks = minference_lib.head_blocks(qr, kr, self.patterns,
                                         block_size=self.block_size)
     self.density_kept[...] = gate_lib.causal_density(blocks).mean()
     mask = sj.masks.from_block_mask(blocks, block_size=self.block_size,
                                     q_len=x.shape[1], kv_len=x.shape[1],
                                     mask_fn=sj.mask_fns.Causal())
-    return _output(self, sj.attention(qr, kr, v, mask, impl=self.impl,
-                                      soft_cap=self.soft_cap))
+    return output(self, sj.attention(qr, kr, v, mask, impl=self.impl,
+                                      soft_cap=self.soft_cap,
+                                      q_segment_ids=segment_ids))
 
 
 def _layer_patterns(spec, pattern: str, head_patterns: str):
@@ -331,5 +342,6 @@ def minference_patterns_json(per_layer) -> str:
 
 
 __all__ = ["SeerAttention", "RoutingTransformerAttention",
-           "MInferenceAttention", "minference_patterns_json"]
+           "MInferenceAttention", "minference_patterns_json", "projections",
+           "output"]
 

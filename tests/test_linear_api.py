@@ -96,19 +96,26 @@ def test_traced_slopes_are_not_checked_but_run():
 
 
 def test_auto_picks_per_platform(caplog):
-  problem = (jnp.bfloat16, 128, 128, None)
+  problem = (jnp.bfloat16, 128, 128, None, False)
   assert L.REGISTRY.resolve("auto", False, problem).name == "xla"
   with sj.target_platform("gpu", "NVIDIA H200"):
     assert L.REGISTRY.resolve("auto", False, problem).name == "pallas_triton"
     with caplog.at_level(logging.INFO):
-      big = L.REGISTRY.resolve("auto", False, (jnp.bfloat16, 512, 128, None))
+      big = L.REGISTRY.resolve("auto", False,
+                               (jnp.bfloat16, 512, 128, None, False))
     assert big.name == "xla" and "d_k, d_v <= 256" in caplog.text
     with pytest.raises(ValueError, match="chunk_size a power of two"):
-      L.REGISTRY.resolve("pallas_triton", False, (jnp.float32, 64, 64, 24))
+      L.REGISTRY.resolve("pallas_triton", False,
+                         (jnp.float32, 64, 64, 24, False))
     assert L.DECODE_REGISTRY.resolve("auto", False, problem[:3]).name == (
         "pallas_triton")
   with sj.target_platform("tpu", "TPU v5e"):
     assert L.REGISTRY.resolve("auto", False, problem).name == "pallas_tpu"
+    # A chunk the TPU tiling rejects: auto falls back, interpret accepts it.
+    assert L.REGISTRY.resolve("auto", False, (jnp.float32, 64, 64, 64,
+                                              False)).name == "xla"
+    assert L.REGISTRY.resolve("pallas_tpu", True, (jnp.float32, 64, 64, 16,
+                                                   True)).name == "pallas_tpu"
 
 
 def test_alibi_slopes():

@@ -63,6 +63,9 @@ def test_hardware_chunk_must_fill_lanes():
     with pytest.raises(ValueError, match="multiple of 128"):
       jax.eval_shape(lambda q: sj.linear.lightning_attention(
           q, q, q, jnp.zeros(1), impl="pallas_tpu", chunk_size=64), q)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    tpu_la.lightning_attention(q, q, q, jnp.zeros(1), None, scale=1.0,
+                               chunk_size=64)
 
 
 def test_tuning_is_validated():

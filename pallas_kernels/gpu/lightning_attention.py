@@ -106,9 +106,10 @@ def _padded(d: int) -> int:
   return next_power_of_2(max(d, 16))
 
 
-def unsupported(dtype, d_k: int, d_v: int, chunk: Optional[int]
-                ) -> Optional[str]:
+def unsupported(dtype, d_k: int, d_v: int, chunk: Optional[int],
+                interpret: bool = False) -> Optional[str]:
   """Why the Triton kernel cannot run a problem, or None if it can."""
+  del interpret  # the interpreter takes what the GPU takes
   if jnp.dtype(dtype) not in _DTYPES:
     return f"needs float32, bfloat16 or float16 inputs, got {jnp.dtype(dtype)}"
   if max(d_k, d_v) > MAX_HEAD_DIM:

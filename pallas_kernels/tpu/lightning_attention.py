@@ -68,18 +68,20 @@ class TuningConfig:
         vmem_limit_bytes=self.vmem_limit_bytes)
 
 
-def unsupported(dtype, d_k: int, d_v: int, chunk: Optional[int]
-                ) -> Optional[str]:
-  """Why the TPU kernel cannot run a problem (on hardware), or None."""
+def unsupported(dtype, d_k: int, d_v: int, chunk: Optional[int],
+                interpret: bool = False) -> Optional[str]:
+  """Why the TPU kernel cannot run a problem, or None if it can."""
+  del d_k, d_v  # padded to the lanes
   if jnp.dtype(dtype) not in _DTYPES:
     return f"needs float32, bfloat16 or float16 inputs, got {jnp.dtype(dtype)}"
-  if chunk is not None and chunk < 8:
-    return f"needs chunk_size >= 8, got {chunk}"
+  if chunk is not None and not interpret and chunk % NUM_LANES:
+    return (f"needs chunk_size a multiple of {NUM_LANES} on a TPU (the lane "
+            f"dimension of the score tile), got {chunk}")
   return None
 
 
 def unsupported_decode(dtype, d_k: int, d_v: int) -> Optional[str]:
-  return unsupported(dtype, d_k, d_v, None)
+  return unsupported(dtype, d_k, d_v, None, True)
 
 
 def _interpret_params(flag):
@@ -88,13 +90,6 @@ def _interpret_params(flag):
   if isinstance(flag, pltpu.InterpretParams):
     return flag
   return pltpu.InterpretParams(detect_races=True)
-
-
-def _check_hardware_chunk(chunk: int, interpret) -> None:
-  if not interpret and chunk % NUM_LANES:
-    raise ValueError(f"pallas_tpu needs chunk_size a multiple of {NUM_LANES} "
-                     f"on a TPU (the lane dimension of the score tile), got "
-                     f"{chunk}")
 
 
 def _kernel_dim(d: int, interpret) -> int:
@@ -279,7 +274,8 @@ def lightning_attention(q, k, v, slopes, initial_state, *, scale,
                         chunk_size=None, return_final_state=False,
                         interpret=False, tuning=None):
   """Registry entry: pads and views the inputs, runs the custom_vjp."""
-  reason = unsupported(q.dtype, q.shape[-1], v.shape[-1], chunk_size)
+  reason = unsupported(q.dtype, q.shape[-1], v.shape[-1],
+                       chunk_size or DEFAULT_CHUNK, bool(interpret))
   if reason is not None:
     raise ValueError(f"impl='pallas_tpu' {reason}")
   if tuning is not None and not isinstance(tuning, TuningConfig):
@@ -289,7 +285,6 @@ def lightning_attention(q, k, v, slopes, initial_state, *, scale,
   b, t, h, d = q.shape
   e = v.shape[-1]
   c = chunk_size or DEFAULT_CHUNK
-  _check_hardware_chunk(c, interpret)
   dk, dv = _kernel_dim(d, interpret), _kernel_dim(e, interpret)
   plan = vjp.make_plan(t, c, 1, scale=scale,
                        has_initial_state=initial_state is not None,

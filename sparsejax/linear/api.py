@@ -119,8 +119,8 @@ def lightning_attention(q, k, v, slopes, *, scale: float = 1.0,
                                  or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   _check_impl(impl, REGISTRY)
-  implementation = REGISTRY.resolve(impl, interpret,
-                                    problem=(q.dtype, d, e, chunk_size))
+  implementation = REGISTRY.resolve(
+      impl, interpret, problem=(q.dtype, d, e, chunk_size, bool(interpret)))
   o, final = implementation.load()(
       q, k, v, slopes, initial_state, scale=scale, chunk_size=chunk_size,
       return_final_state=return_final_state, interpret=interpret,

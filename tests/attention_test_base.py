@@ -56,10 +56,18 @@ def run(q, k, v, do, dlse, mask, soft_cap, mod=None, **kw):
   return jax.jit(grads)(q, k, v, do, dlse, mod)
 
 
+def _x64():
+  """The float64 context on jax 0.10 (jax.enable_x64) and older spellings."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
+  return enable_x64()
+
+
 def run_f64(q, k, v, do, dlse, mask, soft_cap, mod=None, q_segment_ids=None,
             kv_segment_ids=None):
   """`run` of the dense reference in float64 (numpy results)."""
-  with jax.enable_x64(True):
+  with _x64():
     f64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
     args = [f64(x) for x in (q, k, v, do, dlse)]
     mod = jax.tree.map(f64, mod)

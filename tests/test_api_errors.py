@@ -22,6 +22,8 @@ KV = jnp.ones((1, 64, 2, 32))
     ((Q.astype(jnp.int32), KV, KV), {}, TypeError, "q must be float32"),
     ((Q, KV, KV), {"impl": "flash"}, ValueError, "impl must be one of"),
     ((Q, KV, KV), {"impl": "pallas_triton"}, ValueError, "needs a CUDA GPU"),
+    ((Q, KV, KV), {"impl": "pallas_mosaic_gpu"}, ValueError,
+     r"wrap the call in sparsejax.target_platform\(...\)"),
     ((Q, KV, KV), {"impl": "xla", "interpret": True}, ValueError,
      "interpret=True needs a Pallas"),
     ((Q, KV, KV), {"mask": np.ones((64, 64), bool)}, TypeError,

@@ -262,7 +262,9 @@ def _dq_kernel(*refs, names, cfg, nq, sk, width):
   q, do = r["q"][...], r["do"][...]
   lse, delta = r["lse"][...], r["delta"][...]
   q_seg = r["q_seg"][...] if cfg.segments else None
-  carry = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((width,), jnp.float32))
+  # The statistics carry exists only with a mod (no zero-size arrays).
+  carry = (jnp.zeros(q.shape, jnp.float32),) + (
+      (jnp.zeros((width,), jnp.float32),) if width else ())
   prec = block_math.dot_precision(q.dtype)
   for name, use_fn, use_ids in walked_lists(cfg):
 
@@ -275,11 +277,11 @@ def _dq_kernel(*refs, names, cfg, nq, sk, width):
       _, g, ds = block_math.grads_from_raw(
           s_raw, r["v"][pl.ds(start, sk), :], do, lse, delta, cfg.scale,
           cfg.soft_cap, vis, mod, at)
-      stats = c[1]
-      if width:
-        stats = stats + mod.tile_stats(g, s_raw * cfg.scale, *at, width)
-      return (c[0] + jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
-                                 preferred_element_type=jnp.float32), stats)
+      dq = c[0] + jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
+                              preferred_element_type=jnp.float32)
+      if not width:
+        return (dq,)
+      return dq, c[1] + mod.tile_stats(g, s_raw * cfg.scale, *at, width)
 
     carry = _walk(r[f"{name}_counts"], r[f"{name}_idx"], bk, sk, body, carry)
   r["dq"][...] = carry[0].astype(r["dq"].dtype)

@@ -256,7 +256,21 @@ class RelativeBias(ScoreMod):
     return jnp.clip(kv_idx - q_idx, -(w - 1), w - 1) + (w - 1)
 
   def __call__(self, score, b, h, q_idx, kv_idx):
-    return score + self.table[h, self._bucket(q_idx, kv_idx)]
+    return score + self.bias(h, q_idx, kv_idx)
+
+  def bias(self, h, q_idx, kv_idx):
+    """table[h, bucket]; a tile entirely past one end of the window reads
+    one entry instead of gathering (most tiles at long lengths)."""
+    w = self.window
+    d = kv_idx - q_idx
+    shape = jnp.broadcast_shapes(jnp.shape(h), jnp.shape(d))
+    dmin, dmax = jnp.min(d), jnp.max(d)
+    end = jnp.where(dmax <= -(w - 1), jnp.int32(0), jnp.int32(2 * w - 2))
+    return jax.lax.cond(
+        (dmax <= -(w - 1)) | (dmin >= w - 1),
+        lambda: jnp.broadcast_to(self.table[h, end], shape),
+        lambda: jnp.broadcast_to(self.table[h, self._bucket(q_idx, kv_idx)],
+                                 shape))
 
   @property
   def num_stats(self) -> int:

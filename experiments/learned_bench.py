@@ -44,21 +44,25 @@ def main(argv):
   lengths = [int(x) for x in _LENGTHS.value]
   seer_lengths = set(int(x) for x in _SEER_LENGTHS.value) or set(lengths)
   rows = []
-  for seq in lengths:
+  for seq in lengths:  # results are rewritten after every length
     rows += bench.run(
         lengths=[seq], setup=setup,
         seer_densities=[float(d) for d in _SEER.value] if seq in seer_lengths
         else [],
         minference_pattern=minference.parse_pattern(_MINF.value),
         probs_lengths=[int(x) for x in _PROBS.value])
+    if _OUT.value:
+      _write(rows, _OUT.value)
   print(bench.table(rows))
-  if _OUT.value:
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, "bench.json"), "w") as f:
-      json.dump(dict(environment=bench.environment(), rows=rows), f, indent=1)
-    with open(os.path.join(_OUT.value, "bench.md"), "w") as f:
-      f.write(bench.table(rows) + "\n")
-    bench.plot(rows, os.path.join(_OUT.value, "prefill_speedup.png"))
+
+
+def _write(rows, out_dir):
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "bench.json"), "w") as f:
+    json.dump(dict(environment=bench.environment(), rows=rows), f, indent=1)
+  with open(os.path.join(out_dir, "bench.md"), "w") as f:
+    f.write(bench.table(rows) + "\n")
+  bench.plot(rows, os.path.join(out_dir, "prefill_speedup.png"))
 
 
 if __name__ == "__main__":

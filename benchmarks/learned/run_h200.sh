@@ -49,7 +49,7 @@ else
   # SeerAttention at 50% / 90% block sparsity, MInference vertical-slash
   # (1000, 6096), and the distillation target's kernel.
   run_step bench 70 python3 -m experiments.learned_bench \
-    --lengths=32768,65536,131072 --seer_lengths=32768,131072 \
+    --lengths=32768,131072,65536 --seer_lengths=32768,131072 \
     --seer_densities=0.5,0.1 --probs_lengths=32768 --out_dir="$out/bench"
   # One 4-layer needle LM: dense / local / routing trained in lockstep, Seer
   # gates distilled on the dense one and evaluated 50% -> 90% sparse,

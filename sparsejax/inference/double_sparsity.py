@@ -60,25 +60,33 @@ def label_scores(q, labels, channels):
 
 
 def select_tokens(q, labels, channels, lengths, *, token_budget: int,
+                  token_fraction: Optional[float] = None,
                   per_head: bool = False):
-  """(positions [B, Hl, K], counts [B, Hl]) that Double Sparsity attends."""
+  """(positions [B, Hl, K], counts [B, Hl]) that Double Sparsity attends:
+  min(token_budget, length) tokens, or ceil(token_fraction * length)
+  capped at token_budget (K = token_budget, static)."""
   s = selection.reduce_group(label_scores(q, labels, channels),
                              channels.shape[0], per_head)
   s = selection.mask_positions(s, lengths)
-  counts = jnp.broadcast_to(selection.budget_count(lengths, token_budget)[
-      :, None], s.shape[:2])
+  counts = selection.budget_count(lengths, token_budget)
+  if token_fraction is not None:
+    want = jnp.ceil(lengths * token_fraction).astype(jnp.int32)
+    counts = jnp.minimum(counts, jnp.maximum(want, 1))
+  counts = jnp.broadcast_to(counts[:, None], s.shape[:2])
   return selection.top_k_sorted(s, counts, token_budget), counts
 
 
 def ds_decode(q, cache: PagedKVCache, *, token_budget: int,
-              per_head: bool = False, scale: Optional[float] = None,
-              impl: str = "auto", interpret: bool = False, tuning=None):
+              token_fraction: Optional[float] = None, per_head: bool = False,
+              scale: Optional[float] = None, impl: str = "auto",
+              interpret: bool = False, tuning=None):
   """Decode attention of q [B, H, D] over Double Sparsity's tokens."""
   if cache.labels is None:
     raise ValueError("ds_decode needs a cache made with "
                      "PagedKVCache.create(..., channels=...)")
   positions, counts = select_tokens(q, cache.labels, cache.channels,
                                     cache.lengths, token_budget=token_budget,
+                                    token_fraction=token_fraction,
                                     per_head=per_head)
   return paged_decode_attention(
       q, token_view(cache.k_pages), token_view(cache.v_pages),
@@ -87,6 +95,7 @@ def ds_decode(q, cache: PagedKVCache, *, token_budget: int,
 
 
 def ds_reference(q, k, v, lengths, channels, *, token_budget: int,
+                 token_fraction: Optional[float] = None,
                  per_head: bool = False, scale: Optional[float] = None):
   """The definition over a dense cache k, v [B, N, Hkv, D]."""
   d = k.shape[-1]
@@ -95,6 +104,7 @@ def ds_reference(q, k, v, lengths, channels, *, token_budget: int,
       k, jnp.broadcast_to(channels, k.shape[:2] + channels.shape), -1)
   positions, counts = select_tokens(q, labels.transpose(0, 2, 1, 3), channels,
                                     lengths, token_budget=token_budget,
+                                    token_fraction=token_fraction,
                                     per_head=per_head)
   vis = selection.positions_visible(positions, counts, k.shape[1],
                                     q.shape[1])

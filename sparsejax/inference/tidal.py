@@ -15,8 +15,7 @@ per (sequence, kv head) by default; per_head=True keeps them per q head.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional, Tuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,31 +24,6 @@ from sparsejax.inference import selection
 from sparsejax.inference.paged_cache import PagedKVCache, token_view
 from sparsejax.inference.paged_decode import expand_lists
 from sparsejax.inference.paged_decode import paged_decode_attention
-
-
-@dataclasses.dataclass(frozen=True)
-class TidalSchedule:
-  """Which layers are dense, select, or reuse the last selection."""
-  num_layers: int
-  dense_layers: int = 2
-  selection_layers: Tuple[int, ...] = (2,)
-
-  def __post_init__(self):
-    if not 0 <= self.dense_layers <= self.num_layers:
-      raise ValueError(f"dense_layers must be in [0, {self.num_layers}], got "
-                       f"{self.dense_layers}")
-    sel = tuple(self.selection_layers)
-    if any(not self.dense_layers <= i < self.num_layers for i in sel):
-      raise ValueError(f"selection_layers {sel} must lie in [dense_layers="
-                       f"{self.dense_layers}, num_layers={self.num_layers})")
-    if self.dense_layers < self.num_layers and self.dense_layers not in sel:
-      raise ValueError(f"the first sparse layer ({self.dense_layers}) must "
-                       f"be a selection layer, got {sel}")
-
-  def role(self, layer: int) -> str:
-    if layer < self.dense_layers:
-      return "dense"
-    return "select" if layer in self.selection_layers else "reuse"
 
 
 def tidal_select(q, cache: PagedKVCache, *, token_budget: int,

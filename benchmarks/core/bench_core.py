@@ -1,7 +1,8 @@
 r"""Issue 18 on one H200: score-mod overhead and packed-document training.
 
-  python benchmarks/core/bench_core.py --out=OUT/core.json [--wait_pid=PID]
-  python benchmarks/core/bench_core.py --smoke --out=/tmp/core.json  # CPU
+  PYTHONPATH=$PWD python benchmarks/core/bench_core.py --out=OUT/core.json
+  PYTHONPATH=$PWD python benchmarks/core/bench_core.py --smoke \
+      --impls=xla --out=/tmp/core.json  # CPU
 
 Part 1, attention (bf16, B1, H32, d128; random normal inputs): no mod vs
 Alibi vs RelativeBias(W=128) on S2 32K (block 128, local 8, stride 8) and
@@ -14,8 +15,9 @@ gradient is bit-identical (deterministic: no atomics).
 Part 2, training tokens/s of a small S2 LM at 8K context (bf16) on the
 stdlib text corpus, data.pack=True (segment ids + per-document positions)
 vs pack=False (one plain stream), through the main job's Experiment and
-train_step, both on pallas_triton (Mosaic GPU has no segment ids yet). Both train steps compile ahead of time in background threads
-while part 1 compiles.
+train_step, both on pallas_triton (Mosaic GPU has no segment ids yet).
+Both train steps compile ahead of time in background threads while part 1
+compiles.
 
 Everything compiles first (in threads); with --wait_pid the timing waits
 for that process (the GPU tests running beside the compiles) to exit.
@@ -25,19 +27,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import sparsejax as sj  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sparsejax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sparsejax.training import aot  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sparsejax as sj
+from sparsejax import benchmark
+from sparsejax.training import aot
 
 
 def _log(*a):

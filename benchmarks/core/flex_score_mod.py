@@ -40,8 +40,9 @@ def main():
   a = ap.parse_args()
 
   import torch  # pylint: disable=g-import-not-at-top
-  from torch.nn.attention.flex_attention import (  # pylint: disable=g-import-not-at-top
-      BlockMask, create_block_mask, flex_attention)
+  from torch.nn.attention import flex_attention as fa  # pylint: disable=g-import-not-at-top
+  BlockMask, create_block_mask = fa.BlockMask, fa.create_block_mask
+  flex_attention = fa.flex_attention
   from triton.testing import do_bench  # pylint: disable=g-import-not-at-top
 
   peers = _peer_baselines()
@@ -96,10 +97,11 @@ def main():
                mod=f"relative_bias_w{w}" if name == "relative_bias" else name)
     leaves = [q, k, v] + ([table] if name == "relative_bias" else [])
     try:
-      fwd = lambda: flex(q, k, v, score_mod=mod, block_mask=mask)  # pylint: disable=cell-var-from-loop
+      def fwd(q=q, k=k, v=v, mod=mod, mask=mask):
+        return flex(q, k, v, score_mod=mod, block_mask=mask)
 
-      def fb():
-        fwd().backward(do)  # pylint: disable=cell-var-from-loop
+      def fb(do=do):
+        fwd().backward(do)
 
       row["fwd_ms"] = do_bench(fwd, warmup=25, rep=100, return_mode="median")
       row["fwdbwd_ms"] = do_bench(fb, warmup=10, rep=60, return_mode="median",

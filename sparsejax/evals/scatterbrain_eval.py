@@ -4,10 +4,11 @@
                               workdir, out_dir)
 
 1. Approximation error of the attention output against exact softmax
-   attention at an equal budget b of keys or features per query: local
-   attention alone (a window of ~b keys), Performer alone (b features) and
-   Scatterbrain (a window of ~b/2 keys plus b/2 features), each Performer
-   draw repeated over `seeds` projections. On random Gaussian q/k/v (three
+   attention at an equal budget of b keys per query with the paper's
+   accounting (`method_settings`): local attention alone (b keys),
+   Performer alone (b/2 features) and Scatterbrain (b/2 keys plus b/4
+   features), and Scatterbrain's two parts alone; each Performer draw
+   repeated over `seeds` projections. On random Gaussian q/k/v (three
    temperatures) and on the q/k/v of a layer of a trained LM and ViT.
 2. Drop-in without fine-tuning: the dense-trained LM and ViT evaluated with
    local, Performer and Scatterbrain attention (the dense checkpoint loads
@@ -15,14 +16,15 @@
 3. Training from scratch with attention=scatterbrain (and local, Performer)
    through the registry, against dense, on the same data and steps.
 
-The paper's budget is memory (its "1/32 of the memory" configs); here the
-budget counts keys or features per query, which is the same up to a
-constant for both parts.
+The paper's budget is memory (its "1/32 of the memory" configs); here it
+counts keys per query, one feature counting as two keys as in those
+configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -42,6 +44,9 @@ from sparsejax.training import train
 
 JSON_NAME = "scatterbrain_eval.json"
 METHODS = ("local", "performer", "scatterbrain")
+# Scatterbrain's two parts alone, at their own sizes: the robust-PCA claim
+# that the combination beats each of its parts.
+PARTS = ("local_part", "performer_part")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,23 +71,23 @@ _COMMON = {"attention.impl": "xla", "progress_bar": False, "log_every": 25}
 PRESETS = {
     "cpu": Preset(
         random_len=1024, random_heads=4, random_head_dim=64,
-        temperatures=(0.5, 1.0, 1.5), budgets=(16, 32, 64, 128), seeds=3,
+        temperatures=(0.5, 1.0, 1.5), budgets=(32, 64, 128), seeds=3,
         lm={**_COMMON, "seq_len": 256, "batch_size": 8,
-            "num_train_steps": 300, "eval_steps": 8},
-        vit={**_COMMON, "batch_size": 32, "num_train_steps": 300,
+            "num_train_steps": 200, "eval_steps": 8},
+        vit={**_COMMON, "batch_size": 32, "num_train_steps": 200,
              "eval_steps": 8, "data.upsample": 4, "model.patch_size": 2,
              "model.d_model": 64, "model.num_layers": 2},
-        vit_arg="task=digits", lm_budget=32, vit_budget=32, capture_layer=1,
+        vit_arg="task=digits", lm_budget=64, vit_budget=64, capture_layer=1,
         capture_batch=4),
     "smoke": Preset(
         random_len=128, random_heads=2, random_head_dim=32,
-        temperatures=(1.0,), budgets=(8, 16), seeds=1,
+        temperatures=(1.0,), budgets=(16, 32), seeds=1,
         lm={**_COMMON, "seq_len": 64, "batch_size": 4, "num_train_steps": 6,
             "eval_steps": 1, "model.d_model": 32, "log_every": 2},
         vit={**_COMMON, "batch_size": 8, "num_train_steps": 6,
              "eval_steps": 1, "data.upsample": 2, "model.patch_size": 2,
              "model.d_model": 32, "model.num_layers": 1, "log_every": 2},
-        vit_arg="task=digits", lm_budget=8, vit_budget=8, capture_layer=0,
+        vit_arg="task=digits", lm_budget=16, vit_budget=16, capture_layer=0,
         capture_batch=1),
 }
 
@@ -91,48 +96,72 @@ PRESETS = {
 
 
 def method_settings(budget: int, causal: bool) -> dict[str, dict]:
-  """Window (in sliding_window's units) and feature count per method for
-  ~budget keys or features per query. A causal window of w has w keys, a
-  bidirectional one 2w - 1; Scatterbrain splits the budget in half."""
+  """Window (in sliding_window's units) and feature count per method at a
+  budget of `budget` keys per query, with the paper's accounting (its
+  "1/32 of the memory" T2T-ViT configs: local_context 98 = Performer
+  nb_features 49 = Scatterbrain local_context 49 + nb_features 24, i.e. one
+  feature costs two keys): local b keys, Performer b/2 features,
+  Scatterbrain b/2 keys and b/4 features. A causal window of w has w keys,
+  a bidirectional one 2w - 1."""
   window = lambda keys: max(1, keys if causal else (keys + 1) // 2)
   feats = lambda n: max(2, n - n % 2)  # cosh features come in pairs
+  sb = dict(window=window(budget // 2), num_features=feats(budget // 4))
   return {"local": dict(window=window(budget)),
-          "performer": dict(num_features=feats(budget)),
-          "scatterbrain": dict(window=window(budget // 2),
-                               num_features=feats(budget // 2))}
+          "performer": dict(num_features=feats(budget // 2)),
+          "scatterbrain": sb,
+          "local_part": dict(window=sb["window"]),
+          "performer_part": dict(num_features=sb["num_features"])}
 
 
 def _block(length):
   return int(min(64, max(16, 1 << (length - 1).bit_length())))
 
 
+@functools.lru_cache(maxsize=None)
+def _methods(length: int, causal: bool, budget: int):
+  """{method: jitted fn(q, k, v, projection_key)} at `budget`."""
+  settings = method_settings(budget, causal)
+  block = _block(length)
+  window = lambda w: sj.masks.sliding_window(length, w, causal=causal,
+                                             block_size=block)
+  support = window(settings["scatterbrain"]["window"])
+
+  def projection(key, method, d):
+    return lowrank.orthogonal_gaussian_projection(
+        key, settings[method]["num_features"], d)
+
+  def local(method):
+    mask = window(settings[method]["window"])
+    return jax.jit(lambda q, k, v, key: sj.attention(q, k, v, mask,
+                                                     impl="xla"))
+
+  def performer(method):
+    return jax.jit(lambda q, k, v, key: lowrank.performer_attention(
+        q, k, v, projection(key, method, q.shape[-1]), causal=causal))
+
+  return {
+      "local": local("local"), "performer": performer("performer"),
+      "scatterbrain": jax.jit(
+          lambda q, k, v, key: lowrank.scatterbrain_attention(
+              q, k, v, support, projection(key, "scatterbrain", q.shape[-1]),
+              causal=causal, impl="xla")),
+      "local_part": local("local_part"),
+      "performer_part": performer("performer_part"),
+  }
+
+
 def outputs(q, k, v, *, causal: bool, budget: int, seed: int) -> dict:
   """{method: output} at `budget` (Performer parts with projection `seed`)."""
-  lq, d = q.shape[1], q.shape[-1]
-  settings = method_settings(budget, causal)
-  block = _block(lq)
-  out = {}
-  w = settings["local"]["window"]
-  out["local"] = sj.attention(q, k, v, sj.masks.sliding_window(
-      lq, w, causal=causal, block_size=block), impl="xla")
+  fns = _methods(q.shape[1], causal, budget)
   key = jax.random.key(seed)
-  proj = lowrank.orthogonal_gaussian_projection(
-      key, settings["performer"]["num_features"], d)
-  out["performer"] = lowrank.performer_attention(q, k, v, proj, causal=causal)
-  s = settings["scatterbrain"]
-  proj = lowrank.orthogonal_gaussian_projection(key, s["num_features"], d)
-  mask = sj.masks.sliding_window(lq, s["window"], causal=causal,
-                                 block_size=block)
-  out["scatterbrain"] = lowrank.scatterbrain_attention(
-      q, k, v, mask, proj, causal=causal, impl="xla")
-  return out
+  return {m: f(q, k, v, key) for m, f in fns.items()}
 
 
 def exact(q, k, v, *, causal: bool):
   mask = sj.masks.causal(q.shape[1], block_size=_block(q.shape[1])) if (
       causal) else None
-  return sj.attention_reference(q, k, v, mask,
-                                scale=q.shape[-1] ** -0.5)[0]
+  return jax.jit(lambda q, k, v: sj.attention_reference(
+      q, k, v, mask, scale=q.shape[-1] ** -0.5)[0])(q, k, v)
 
 
 def relative_error(got, want) -> float:
@@ -146,12 +175,12 @@ def approximation_errors(q, k, v, *, causal: bool, budgets, seeds: int,
   want = exact(q, k, v, causal=causal)
   rows = []
   for budget in budgets:
-    errs = {m: [] for m in METHODS}
+    errs = {m: [] for m in METHODS + PARTS}
     for seed in range(seeds):
       for m, o in outputs(q, k, v, causal=causal, budget=budget,
                           seed=seed).items():
         errs[m].append(relative_error(o, want))
-    for m in METHODS:
+    for m in METHODS + PARTS:
       rows.append(dict(source=source, budget=budget, method=m,
                        error=float(np.mean(errs[m])),
                        error_std=float(np.std(errs[m])),
@@ -306,29 +335,28 @@ def vit_tokens(vit_config, preset: Preset) -> int:
 # --- tables and plots -------------------------------------------------------
 
 
-def _metric(r):
-  return ("accuracy", r["accuracy"]) if "accuracy" in r else ("loss",
-                                                               r["loss"])
+METRICS = {"lm": "loss", "vit": "accuracy"}  # what each table reports
 
 
 def tables(out: Mapping[str, Any]) -> str:
   """Markdown: errors per source and budget, drop-in and from-scratch."""
-  lines = ["| source | budget | local | performer | scatterbrain |",
-           "|---|---|---|---|---|"]
+  lines = ["| source | budget | local | performer | scatterbrain | "
+           "SB's parts alone: local / performer |", "|---|---|---|---|---|---|"]
   rows = out["random_errors"] + out["lm"]["errors"] + out["vit"]["errors"]
   by = {}
   for r in rows:
     by.setdefault((r["source"], r["budget"]), {})[r["method"]] = r["error"]
   for (src, b), e in by.items():
-    best = min(e.values())
+    best = min(e[m] for m in METHODS)
     cell = lambda m: (f"**{e[m]:.3f}**" if e[m] == best else f"{e[m]:.3f}")
     lines.append(f"| {src} | {b} | {cell('local')} | {cell('performer')} | "
-                 f"{cell('scatterbrain')} |")
+                 f"{cell('scatterbrain')} | {e['local_part']:.3f} / "
+                 f"{e['performer_part']:.3f} |")
   lines += ["", "| model | metric | dense | local | performer | scatterbrain |"
             " (drop-in / from scratch)", "|---|---|---|---|---|---|"]
   for name in ("lm", "vit"):
     study = out[name]
-    metric = _metric(study["drop_in"]["dense"])[0]
+    metric = METRICS[name]
     cells = [f"{study['drop_in'][m][metric]:.3f} / "
              f"{study['from_scratch'][m]['eval'][metric]:.3f}"
              for m in ("dense",) + METHODS]
@@ -350,16 +378,17 @@ def plot(out: Mapping[str, Any], out_dir: str) -> list[str]:
   fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.3 * nrows),
                            squeeze=False)
   for ax, src in zip(axes.flat, sources):
-    for i, m in enumerate(METHODS):
+    for i, m in enumerate(METHODS + PARTS):
       pts = sorted((r["budget"], r["error"], r["error_std"]) for r in rows
                    if r["source"] == src and r["method"] == m)
       b, e, sd = zip(*pts)
-      ax.errorbar(b, e, yerr=sd, marker="o", color=f"C{i}", label=m,
-                  capsize=2)
+      ax.errorbar(b, e, yerr=sd, marker="o" if m in METHODS else ".",
+                  ls="-" if m in METHODS else ":", color=f"C{i}",
+                  label=m if m in METHODS else f"{m} (SB's)", capsize=2)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_title(src, fontsize=9)
-    ax.set_xlabel("budget (keys or features per query)", fontsize=8)
+    ax.set_xlabel("budget (keys per query; 1 feature = 2 keys)", fontsize=8)
     ax.grid(alpha=0.3, which="both")
   for ax in axes.flat[len(sources):]:
     ax.axis("off")
@@ -373,9 +402,9 @@ def plot(out: Mapping[str, Any], out_dir: str) -> list[str]:
 
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   names = ("dense",) + METHODS
-  for j, (model, ax) in enumerate(zip(("lm", "vit"), axes[:2])):
+  for model, ax in zip(("lm", "vit"), axes[:2]):
     study = out[model]
-    metric = _metric(study["drop_in"]["dense"])[0]
+    metric = METRICS[model]
     x = np.arange(len(names))
     ax.bar(x - 0.2, [study["drop_in"][n][metric] for n in names], 0.4,
            label="dense-trained, drop-in")
@@ -385,7 +414,9 @@ def plot(out: Mapping[str, Any], out_dir: str) -> list[str]:
     ax.set_ylabel(f"eval {metric}")
     ax.set_title(f"{model} (budget {study['budget']})")
     ax.legend(fontsize=8)
-    del j
+    if metric == "loss":
+      vals = [study["drop_in"][n][metric] for n in names]
+      ax.set_ylim(0.9 * min(vals), None)
   for i, n in enumerate(names):
     pts = out["lm"]["from_scratch"][n]["eval_loss"]
     if pts:

@@ -151,7 +151,8 @@ def seed_dkv(kf, v, g_state, y_state, qf_c=None, do_c=None, beta_c=None,
   dv = dot(kf, g_state.astype(kf.dtype))
   if qf_c is not None:
     n = kf.shape[0]
-    below = jnp.swapaxes(causal_tile(n, n, 0, 0), 0, 1)  # [j, i]: i >= j
+    # [j, i]: query i >= key j (built directly: no bool transpose).
+    below = ~causal_tile(n, n, 0, 1)
     wt = jnp.where(below, beta_c[None, :] * (dot(v, do_c, trans_b=True)
                                              - kd_c[None, :]), 0.0)
     dkf = dkf + dot(wt.astype(qf_c.dtype), qf_c)

@@ -18,7 +18,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_HI = jax.lax.Precision.HIGHEST
+def _einsum(spec, a, b):
+  """f32 (f64) accumulation; bf16 operands stay native (their products are
+  exact in f32), others get IEEE f32 (fp16's range is too small for the
+  beta-weighted query rows)."""
+  dt = jnp.promote_types(a.dtype, jnp.float32)
+  if a.dtype == jnp.bfloat16:
+    return jnp.einsum(spec, a, b.astype(a.dtype), preferred_element_type=dt)
+  return jnp.einsum(spec, a.astype(dt), b.astype(dt),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def _chunked(x, chunk):
@@ -32,13 +40,12 @@ def kv_states(kf, v, *, chunk: int, causal: bool, num_chunks: int):
   kf: k_hat [B, L, Hkv, m] (zero on padded rows); v [B, L, Hkv, d].
   """
   dt = jnp.promote_types(kf.dtype, jnp.float32)
-  kf, v = kf.astype(dt), v.astype(dt)
   if not causal:
-    h = jnp.einsum("blhm,blhd->bhmd", kf, v, precision=_HI)
-    return h[:, :, None], kf.sum(1)[:, :, None]
+    h = _einsum("blhm,blhd->bhmd", kf, v)
+    return h[:, :, None], kf.astype(dt).sum(1)[:, :, None]
   kc, vc = _chunked(kf, chunk), _chunked(v, chunk)
-  h = jnp.einsum("bclhm,bclhd->bhcmd", kc, vc, precision=_HI)
-  z = jnp.einsum("bclhm->bhcm", kc)
+  h = _einsum("bclhm,bclhd->bhcmd", kc, vc)
+  z = jnp.einsum("bclhm->bhcm", kc.astype(dt))
   # Exclusive prefix: chunk c sees the keys before it.
   h = jnp.cumsum(h, axis=2) - h
   z = jnp.cumsum(z, axis=2) - z
@@ -53,13 +60,12 @@ def q_states(qf, do, beta, kd, *, chunk: int, causal: bool, num_chunks: int):
   """
   dt = jnp.promote_types(qf.dtype, jnp.float32)
   w = qf.astype(dt) * jnp.swapaxes(beta, 1, 2)[..., None]
-  do = do.astype(dt)
   y_rows = w * jnp.swapaxes(kd, 1, 2)[..., None]
+  w = w.astype(do.dtype)  # G's operands in the inputs' dtype
   if not causal:
-    g = jnp.einsum("blhm,blhd->bhmd", w, do, precision=_HI)
+    g = _einsum("blhm,blhd->bhmd", w, do)
     return g[:, :, None], y_rows.sum(1)[:, :, None]
-  g = jnp.einsum("bclhm,bclhd->bhcmd", _chunked(w, chunk), _chunked(do, chunk),
-                 precision=_HI)
+  g = _einsum("bclhm,bclhd->bhcmd", _chunked(w, chunk), _chunked(do, chunk))
   y = jnp.einsum("bclhm->bhcm", _chunked(y_rows, chunk))
   # Exclusive suffix: chunk c sees the queries after it.
   g = jnp.flip(jnp.cumsum(jnp.flip(g, 2), axis=2), 2) - g

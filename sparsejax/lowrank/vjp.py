@@ -68,11 +68,14 @@ def _chain(x, xf, dxf, projection, scale):
   """dL/dx of the features' dependence on x (x [B, L, Hx, D])."""
   m = projection.shape[0]
   t = xf[..., :m].astype(jnp.float32) * dxf[..., :m]
-  w = projection.astype(jnp.float32)
-  dx = (math.sqrt(scale) * jnp.einsum("blhm,md->blhd", t, w,
-                                      precision=jax.lax.Precision.HIGHEST)
-        - scale * t.sum(-1, keepdims=True) * x.astype(jnp.float32))
-  return dx
+  w = projection.astype(jnp.float32) * math.sqrt(scale)
+  if x.dtype != jnp.bfloat16:
+    tw = jnp.einsum("blhm,md->blhd", t, w,
+                    precision=jax.lax.Precision.HIGHEST)
+  else:  # a native matmul, as the forward's features
+    tw = jnp.einsum("blhm,md->blhd", t.astype(x.dtype), w.astype(x.dtype),
+                    preferred_element_type=jnp.float32)
+  return tw - scale * t.sum(-1, keepdims=True) * x.astype(jnp.float32)
 
 
 def make_op(forward: Callable, backward: Callable) -> Callable:

@@ -7,7 +7,8 @@ from tests.conftest import has_gpu
 
 _GPU = pytest.mark.skipif(not has_gpu(), reason="compiles the GPU kernels: "
                           "needs a CUDA GPU (CPU coverage: the interpret-mode "
-                          "classes and test_vision_lowering.py)")
+                          "classes and the CUDA lowering tests of "
+                          "test_vision_semantics.py)")
 
 
 def pytest_generate_tests(metafunc):
@@ -18,6 +19,7 @@ def pytest_generate_tests(metafunc):
 
 class TestWindowXla(base.WindowSuite):
   IMPL = "xla"
+  CASES = base.WINDOW_CASES[:2]  # block and grid; Triton takes the rest
 
 
 class TestWindowTritonInterpret(base.WindowSuite):
@@ -33,30 +35,34 @@ class TestWindowTpuInterpret(base.WindowSuite):
   EXTRAS = False
 
 
+def _na(*names):
+  return [c for c in base.NA_CASES if c.name in names]
+
+
 class TestNeighborhoodXla(base.NeighborhoodSuite):
   IMPL = "xla"
-  SUPPORTS_BIAS = True
-  CASES = [c for c in base.NA_CASES if c.name in (
-      "1d_even_kernel_dilation", "1d_causal_bias", "2d_bias_even_dilation")]
+  CASES = _na("1d_even_kernel_dilation", "2d_bias_even_dilation")
 
 
 class TestNeighborhoodTritonInterpret(base.NeighborhoodSuite):
   IMPL = "pallas_triton"
   INTERPRET = True
-  CASES = [c for c in base.NA_CASES if c.name in (
-      "1d_causal_dilation", "2d_nonsquare_dilation", "1d_causal_bias")]
+  # 1d_causal_bias is 1d_causal_dilation plus the bias (the no-mod kernel
+  # path is 2d_nonsquare_dilation's); the GPU class runs every case.
+  CASES = _na("2d_nonsquare_dilation", "1d_causal_bias",
+              "2d_bias_even_dilation")
 
 
 class TestNeighborhoodTpuInterpret(base.NeighborhoodSuite):
   IMPL = "pallas_tpu"
   INTERPRET = True
-  CASES = [c for c in base.NA_CASES if c.name in (
-      "2d_kernel_equals_map",)]
+  BIAS_UNSUPPORTED = "vector gather"
+  CASES = _na("2d_kernel_equals_map", "1d_causal_bias")
 
 
 class TestRoutingXla(base.RoutingSuite):
   IMPL = "xla"
-  CASES = base.ROUTING_CASES[:2]
+  CASES = base.ROUTING_CASES[:1]  # Triton takes the padded top-3 case
 
 
 class TestRoutingTritonInterpret(base.RoutingSuite):
@@ -72,13 +78,14 @@ class TestRoutingTpuInterpret(base.RoutingSuite):
   DENSE_CHECK = False
 
 
-# --- GPU: every case, compiled ---------------------------------------------------
+# --- GPU: every case, compiled -----------------------------------------------
 
 
 @pytest.mark.gpu
 @_GPU
 class TestWindowTritonGpu(base.WindowSuite):
   IMPL = "pallas_triton"
+  DETERMINISM = True
 
 
 @pytest.mark.gpu

@@ -21,7 +21,7 @@ def _x(shape, seed=0, dtype=jnp.float32):
   return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
-# --- permutations ---------------------------------------------------------------
+# --- permutations ------------------------------------------------------------
 
 
 def test_partitions_invert_and_match_maxvit():
@@ -98,7 +98,7 @@ def test_na_non_causal_sees_exactly_kernel_keys():
   assert np.nonzero(vis[10])[0].tolist() == [4, 6, 8, 10]
 
 
-# --- bias layouts ---------------------------------------------------------------
+# --- bias layouts ------------------------------------------------------------
 
 
 def _tf_reindex(table, p):
@@ -137,7 +137,7 @@ def test_bias_gradient_reaches_table():
   assert np.abs(np.asarray(g)).min() > 0
 
 
-# --- bad input --------------------------------------------------------------------
+# --- bad input ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("call,match", [
@@ -168,7 +168,15 @@ def test_bad_dtype():
     V.grid_attention(q, q, q, 3)
 
 
-# --- registries ----------------------------------------------------------------
+# --- registries --------------------------------------------------------------
+
+
+def _na_problem(kernel, heads=2, shape=(16, 16), tile=(8, 8),
+                dtype=jnp.bfloat16):
+  lay = permute.TileLayout(shape, (1,) * len(shape), tile)
+  table = jnp.zeros((heads,) + tuple(2 * k - 1 for k in kernel))
+  return (dtype, 64, lay.tile_size,
+          natten.NeighborhoodBias.create(table, lay, kernel, heads))
 
 
 def test_auto_picks_and_explains(caplog):
@@ -176,19 +184,61 @@ def test_auto_picks_and_explains(caplog):
     assert V.WINDOW.resolve("auto", problem=(jnp.bfloat16, 32, 49, True)
                             ).name == "pallas_triton"
     with caplog.at_level(logging.INFO):
+      # The bias is a score mod: Triton fuses it, Mosaic GPU says why not.
       assert V.NEIGHBORHOOD.resolve(
-          "auto", problem=(jnp.bfloat16, 64, 64, True)).name == "xla"
-    assert "score mods" in caplog.text
+          "auto", problem=_na_problem((7, 7))).name == "pallas_triton"
+      assert "score mods" in caplog.text
+      # 17x17: 33 * 33 > 1024 gradient statistics per program -> xla.
+      assert V.NEIGHBORHOOD.resolve(
+          "auto", problem=_na_problem((17, 17))).name == "xla"
+      assert "1089 entries" in caplog.text
     assert V.NEIGHBORHOOD.resolve(
-        "auto", problem=(jnp.bfloat16, 64, 64, False)).name == (
+        "auto", problem=(jnp.bfloat16, 64, 64, None)).name == (
             "pallas_mosaic_gpu")
     assert V.ROUTING.resolve("auto", problem=(jnp.bfloat16, 32, 64)
                              ).name == "pallas_triton"
+  with sj.target_platform("tpu"), caplog.at_level(logging.INFO):
+    assert V.NEIGHBORHOOD.resolve(
+        "auto", problem=_na_problem((3,), shape=(40,), tile=(16,))
+    ).name == "xla"
+    assert "vector gather" in caplog.text
   q = jnp.zeros((1, 6, 6, 2, 16))
   with pytest.raises(ValueError, match="score mods"):
     with sj.target_platform(*H200):
       V.neighborhood_attention(q, q, q, 3, rel_bias=jnp.zeros((2, 5, 5)),
                                impl="pallas_mosaic_gpu")
+
+
+@pytest.mark.parametrize("shape,kernel,dil,q_tile,kv_tile", [
+    ((40,), (5,), (2,), 0, 1),          # 1-D, neighbouring tiles
+    ((13, 11), (4, 3), (1, 2), 0, 0),   # 2-D, even kernel, clipped offsets
+    ((16, 16), (7, 7), (1, 1), 1, 2),   # 2-D, across a tile border
+])
+def test_na_bias_tile_stats_equal_the_autodiff_gradient(shape, kernel, dil,
+                                                        q_tile, kv_tile):
+  """The kernels' per-tile gradient statistics of the NA bias (sums of
+  dL/dscore per table entry) equal autodiff through the mod's lookup."""
+  tile = (16,) if len(shape) == 1 else (4, 4)
+  lay = permute.TileLayout(shape, dil, tile)
+  heads = 3
+  table = _x((heads,) + tuple(2 * k - 1 for k in kernel), 1)
+  mod = natten.NeighborhoodBias.create(table, lay, kernel, heads)
+  bs = lay.tile_size
+  g = _x((bs, bs), 2)
+  b, h, q_idx, kv_idx = sj.block_sparse.block_math.coords(
+      0, 2, q_tile * bs, kv_tile * bs, bs, bs)
+  vis = natten.NeighborhoodMask(lay, kernel, (False,) * len(shape))(
+      b, h, q_idx, kv_idx)
+  g = jnp.where(vis, g, 0.0)  # the kernels' g is 0 where not visible
+  assert np.asarray(vis).any()
+  width = 1 << (mod.num_stats - 1).bit_length()
+  stats = jax.jit(mod.tile_stats, static_argnums=6)(g, None, b, h, q_idx,
+                                                    kv_idx, width)
+  want = jax.grad(lambda t: (g * natten.NeighborhoodBias(t, lay, kernel)(
+      0.0, b, h, q_idx, kv_idx)).sum())(mod.table)[2]
+  np.testing.assert_allclose(np.asarray(stats[:mod.num_stats]),
+                             np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert not np.asarray(stats[mod.num_stats:]).any()
 
 
 # --- lowering on CPU ----------------------------------------------------------
@@ -230,6 +280,12 @@ def test_na_and_routing_lower_for_cuda(impl):
                                                 impl=impl)
   text = _lower_cuda(_fwd_and_grad(na), q, q, q)
   assert text.count("custom_call") >= 3
+  if impl == "pallas_triton":  # the fused bias: gather in fwd, stats in dQ
+    t = jax.ShapeDtypeStruct((2, 13, 13), jnp.float32)
+    na_bias = lambda q, k, v, t: V.neighborhood_attention(
+        q, k, v, 7, rel_bias=t, impl=impl)
+    text = _lower_cuda(_fwd_and_grad(na_bias), q, q, q, t)
+    assert text.count("custom_call") >= 3
   r = jax.ShapeDtypeStruct((2, 32, 32, 2, 64), jnp.bfloat16)
   route = lambda q, k, v: V.routing_attention(q, k, v, 4, 3, impl=impl)
   assert _lower_cuda(_fwd_and_grad(route), r, r, r).count("custom_call") >= 3

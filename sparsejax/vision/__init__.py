@@ -1,4 +1,4 @@
-"""Vision attention: MaxViT block/grid, neighborhood attention, BiFormer routing.
+"""Vision attention: MaxViT block/grid, neighborhood, BiFormer routing.
 
   import sparsejax as sj
   out = sj.vision.block_attention(q, k, v, 7, rel_bias=table)  # [B,X,Y,H,D]

@@ -16,6 +16,7 @@ from typing import Optional, Tuple, Union
 import jax.numpy as jnp
 
 from sparsejax.vision import implementations as impls
+from sparsejax.vision import natten
 from sparsejax.vision import permute
 from sparsejax.vision import relative_bias
 from sparsejax.vision import routing
@@ -125,7 +126,7 @@ def window_attention(q, k, v, window: Pair, *, rel_bias=None,
   return _windowed(q, k, v, layout, rel_bias, scale, impl, interpret, tuning)
 
 
-# --- neighborhood attention --------------------------------------------------------
+# --- neighborhood attention --------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +170,9 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False,
   its group, the window shifted (not cut) at the borders; even kernels cover
   k/2 keys before and k/2 - 1 after; causal keeps 0 <= q - kv < kernel_size
   within the group. `rel_bias` [H (or 1), 2K-1(, 2K-1)] adds
-  rel_bias[n, kv - q + K - 1, ...] (key minus query, in group coordinates).
+  rel_bias[n, kv - q + K - 1, ...] (key minus query, in group coordinates:
+  NATTEN's legacy rpb), fused in the kernels as a score mod with its
+  gradient (`natten.NeighborhoodBias`; Triton, xla; not TPU or Mosaic GPU).
   `tile_shape`: the token tile of the permuted layout (a block of the
   block-sparse kernels; its size a power of two >= 16).
   """
@@ -206,13 +209,15 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False,
                        f"{', '.join(map(str, want))}] for kernel_size "
                        f"{kernel}, got {got}")
   spec = NASpec(shape, kernel, dilation, causal, tile)
+  bias_mod = None if rel_bias is None else natten.NeighborhoodBias.create(
+      rel_bias, spec.layout, kernel, heads)
   implementation = impls.NEIGHBORHOOD.resolve(
-      impl, interpret, problem=(q.dtype, d, size, rel_bias is not None))
+      impl, interpret, problem=(q.dtype, d, size, bias_mod))
   return implementation.load()(q, k, v, spec, rel_bias, _scale(scale, d),
                                interpret)
 
 
-# --- BiFormer routing ---------------------------------------------------------------
+# --- BiFormer routing --------------------------------------------------------
 
 
 def routing_attention(q, k, v, num_regions: int, topk: int, *,

@@ -7,11 +7,13 @@ window_attention (MaxViT block and grid): a dedicated batched-window kernel
   core's score mods reach it).
 neighborhood_attention, routing_attention: token permutation + a BlockMask
   through the block-sparse core (`sj.attention`) with the same impl name;
-  NA's relative bias runs on reference/xla until score mods land.
+  NA's relative bias is a score mod of the core (`natten.NeighborhoodBias`),
+  fused in the Triton kernel (TPU: no vector gather; Mosaic GPU: no score
+  mods yet, so those say why and auto falls back).
 
 Problems (the `unsupported` arguments):
   window:   (dtype, head_dim, tokens_per_window, has_bias)
-  na:       (dtype, head_dim, block, has_bias)
+  na:       (dtype, head_dim, block, bias mod or None)
   routing:  (dtype, head_dim, block)
 """
 
@@ -40,8 +42,8 @@ ROUTING = OpRegistry("routing_attention")
 _UNAVAILABLE = {"pallas_triton": core_impls.needs_cuda,
                 "pallas_mosaic_gpu": core_impls.needs_hopper,
                 "pallas_tpu": core_impls.needs_tpu}
-_NO_SCORE_MODS = ("a relative bias needs score mods in the block-sparse "
-                  "core's kernels (not landed yet); reference and xla take it")
+_NO_SCORE_MODS = ("a relative bias: the Mosaic GPU core kernel has no score "
+                  "mods yet (pallas_triton fuses the bias)")
 
 
 def _core_unsupported(name, dtype, head_dim, block):
@@ -148,25 +150,21 @@ def _na_reference(q, k, v, spec, table, scale, interpret):
 
 def _na_core(name):
   def run(q, k, v, spec, table, scale, interpret):
-    if table is not None:
-      if name != "xla":
-        raise ValueError(f"impl={name!r}: {_NO_SCORE_MODS}")
-      return xla.neighborhood_attention(q, k, v, spec.kernel, spec.dilation,
-                                        spec.causal, table, scale)
     layout = spec.layout
     qp, kp, vp = (permute.na_tile_permute(x, layout) for x in (q, k, v))
     mask = na_block_mask(layout, spec.kernel, spec.causal)
-    out = core_attention(qp, kp, vp, mask, scale=scale, impl=name,
-                         interpret=interpret)
+    mod = None if table is None else natten.NeighborhoodBias.create(
+        table, layout, spec.kernel, q.shape[-2])
+    out = core_attention(qp, kp, vp, mask, scale=scale, score_mod=mod,
+                         impl=name, interpret=interpret)
     return permute.na_tile_unpermute(out, layout)
   return run
 
 
 def _na_unsupported(name):
-  def why(dtype, head_dim, block, has_bias):
-    if has_bias and name != "xla":
-      return _NO_SCORE_MODS
-    return _core_unsupported(name, dtype, head_dim, block)
+  def why(dtype, head_dim, block, bias_mod):
+    impl = core_impls.REGISTRY.get(name)
+    return impl.unsupported(dtype, head_dim, block, block, bias_mod)
   return why
 
 
@@ -180,7 +178,7 @@ for _name in ("xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu"):
       supports_interpret=_name in ("pallas_triton", "pallas_tpu")))
 
 
-# --- routing attention ----------------------------------------------------------
+# --- routing attention -------------------------------------------------------
 # fn(q, k, v, num_regions, topk, scale, interpret) -> out [B, X, Y, H, D].
 
 

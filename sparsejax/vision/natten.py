@@ -15,17 +15,20 @@ pair is k - c + K - 1 per axis (key minus query, in group coordinates).
 `NeighborhoodMask` evaluates this on `permute.TileLayout` indices for the
 block-sparse kernels; `block_states` classifies (q tile, kv tile) pairs
 analytically (windows are monotone in c), never forming the L x L matrix.
+`NeighborhoodBias` is the relative bias as a score mod on the same indices,
+so the core's kernels add it (and sum its gradient) in registers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.block_sparse import score_mods
 from sparsejax.block_sparse.block_mask import BlockMask, EMPTY, FULL, PARTIAL
 from sparsejax.vision.permute import TileLayout
 
@@ -63,6 +66,101 @@ class NeighborhoodMask:
       vis = (gq == gk) & (ck < lg) & (ck >= lo) & (ck <= hi)
       out = vis if out is None else out & vis
     return out
+
+
+# Per-program gradient statistics the kernels keep in registers (the dQ
+# carry is a [next_pow2(num_stats)] f32 vector): beyond this, xla.
+MAX_KERNEL_BIAS_ENTRIES = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighborhoodBias(score_mods.ScoreMod):
+  """NATTEN's legacy relative bias as a score mod on tile-permuted tokens.
+
+  score + table[h, r_1 (, r_2)] with r_a = ck_a - cq_a + K_a - 1 (key minus
+  query in dilation-group coordinates, per axis; `decode` of `layout`). The
+  table is stored flat, [heads, prod(2K-1)] row-major: build the mod with
+  `NeighborhoodBias.create`. Only pairs of one group inside the window are
+  visible (the mask decides that); the offsets are clipped so padded or
+  masked pairs read a valid entry.
+  """
+  table: Any
+  layout: TileLayout
+  kernel: Tuple[int, ...]
+  additive = True
+
+  @classmethod
+  def create(cls, table, layout: TileLayout, kernel: Tuple[int, ...],
+             heads: int) -> "NeighborhoodBias":
+    """From a [heads (or 1), 2K-1(, 2K-1)] table (differentiable)."""
+    table = jnp.broadcast_to(jnp.asarray(table, jnp.float32),
+                             (heads,) + tuple(table.shape[1:]))
+    return cls(table.reshape(heads, -1), layout, tuple(kernel))
+
+  def _offsets(self, q_idx, kv_idx):
+    """Per axis: the clipped table coordinate r_a (int32)."""
+    out = []
+    for a, ((_, cq), (_, ck)) in enumerate(zip(self.layout.decode(q_idx),
+                                               self.layout.decode(kv_idx))):
+      k = self.kernel[a]
+      out.append(jnp.clip(ck - cq + (k - 1), 0, 2 * k - 2))
+    return out
+
+  def _flat(self, offsets):
+    flat = offsets[0]
+    for a in range(1, len(offsets)):
+      flat = flat * (2 * self.kernel[a] - 1) + offsets[a]
+    return flat
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return score + self.table[h, self._flat(self._offsets(q_idx, kv_idx))]
+
+  @property
+  def num_stats(self) -> int:
+    n = 1
+    for k in self.kernel:
+      n *= 2 * k - 1
+    return n
+
+  def tile_stats(self, g, score, b, h, q_idx, kv_idx, width):
+    """Sum of g per table entry. Loops over the offsets the tile holds
+    (per axis at most bq + bk - 1, fewer once clipped to the window), each
+    a masked reduction; g is 0 wherever the pair is not visible."""
+    del score, b, h
+    offs = self._offsets(q_idx, kv_idx)
+    widths = [2 * k - 1 for k in self.kernel]
+    ranges = [(jnp.min(r), jnp.max(r) + 1) for r in offs]
+    if len(offs) == 1:
+      def one(t, acc):
+        return acc + score_mods.bucket(
+            width, t, jnp.sum(jnp.where(offs[0] == t, g, 0.0)))
+      return jax.lax.fori_loop(*ranges[0], one,
+                               jnp.zeros((width,), jnp.float32))
+
+    def row(tx, acc):
+      gx = jnp.where(offs[0] == tx, g, 0.0)
+
+      def col(ty, a):
+        return a + score_mods.bucket(
+            width, tx * widths[1] + ty, jnp.sum(jnp.where(offs[1] == ty, gx,
+                                                          0.0)))
+      return jax.lax.fori_loop(*ranges[1], col, acc)
+
+    return jax.lax.fori_loop(*ranges[0], row,
+                             jnp.zeros((width,), jnp.float32))
+
+  def stats_to_grads(self, stats):
+    return (score_mods.tree_sum(stats, 0),)
+
+  def kernel_unsupported(self, impl: str) -> Optional[str]:
+    if impl == "pallas_tpu":
+      return ("the neighborhood bias needs a vector gather (table[h, "
+              "offsets]) that Mosaic TPU lacks; impl='xla' takes it")
+    if self.num_stats > MAX_KERNEL_BIAS_ENTRIES:
+      return (f"the bias table has {self.num_stats} entries per head; the "
+              f"kernels sum its gradient per program in registers, at most "
+              f"{MAX_KERNEL_BIAS_ENTRIES} (impl='xla' takes any kernel)")
+    return None
 
 
 def _axis_states(length, dilation, tile, tiles, kernel, causal):

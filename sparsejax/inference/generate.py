@@ -21,14 +21,13 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import sparsejax as sj
 from sparsejax.inference import lm_decode
 from sparsejax.inference import methods as methods_lib
 
 
-def _prefill(graphdef, state, method, masks, caches, tokens, lengths):
+def _prefill(graphdef, method, state, masks, caches, tokens, lengths):
   model = nnx.merge(graphdef, state)
   new = list(caches)
 
@@ -41,7 +40,7 @@ def _prefill(graphdef, state, method, masks, caches, tokens, lengths):
   return lm_decode.logits(model, last), new
 
 
-def _step(graphdef, state, method, caches, tokens):
+def _step(graphdef, method, state, caches, tokens):
   """tokens [B] at positions lengths -> (logits [B, V], caches)."""
   model = nnx.merge(graphdef, state)
   pos = caches[0].lengths
@@ -82,16 +81,39 @@ class Generator:
     if calib_tokens is not None:
       method = method.calibrate(model, calib_tokens)
     self.method, self.batch, self.max_len = method, int(batch), int(max_len)
+    self._compiled = None
     self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = (
         lm_decode.dims(model))
     self.dtype = model.dtype
     self.graphdef, self.state = nnx.split(model)
     self._prefill = jax.jit(functools.partial(_prefill, self.graphdef,
-                                              method=method))
-    self._step = jax.jit(functools.partial(_step, self.graphdef,
-                                           method=method),
-                         donate_argnames=("caches",))
+                                              method))
+    self._step = jax.jit(functools.partial(_step, self.graphdef, method),
+                         donate_argnums=(1,))
 
+  def set_model(self, model) -> None:
+    """Use `model`'s parameters (same structure, e.g. after training): a
+    compiled prefill and step keep working."""
+    graphdef, self.state = nnx.split(model)
+    if graphdef != self.graphdef:
+      raise ValueError("set_model needs a model of the same structure")
+
+  def submit_compiles(self, compiler, prompt_len: int, key) -> None:
+    """Compiles prefill (prompts padded to prompt_len) and the step in
+    `compiler`'s background threads (an `aot.Compiler`); this Generator
+    then uses the executables."""
+    spec = lambda t: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+    caches = jax.eval_shape(self.empty_caches)
+    state = spec(self.state)
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    compiler.submit((key, "prefill"), self._prefill, state,
+                    self.masks(prompt_len), caches, ints(self.batch,
+                                                         prompt_len),
+                    ints(self.batch))
+    compiler.submit((key, "step"), self._step, state, caches,
+                    ints(self.batch))
+    self._compiled = (compiler, key)
   def empty_caches(self):
     return [self.method.make_cache(i, self.batch, self.max_len,
                                    self.num_kv_heads, self.head_dim,
@@ -121,14 +143,19 @@ class Generator:
         lens > prompts.shape[1]).any():
       raise ValueError(f"lengths must be [batch={self.batch}] ints in [1, "
                        f"{prompts.shape[1]}], got {lens}")
-    return self._prefill(self.state, masks=self.masks(prompts.shape[1]),
-                         caches=self.empty_caches(), tokens=prompts,
-                         lengths=lengths)
+    return self._fn("prefill")(self.state, self.masks(prompts.shape[1]),
+                               self.empty_caches(), prompts, lengths)
 
   def step(self, caches, tokens):
     """One new token per sequence, int32 [B] -> (logits [B, V], caches)."""
-    return self._step(self.state, caches=caches,
-                      tokens=jnp.asarray(tokens, jnp.int32))
+    return self._fn("step")(self.state, caches,
+                            jnp.asarray(tokens, jnp.int32))
+
+  def _fn(self, which):
+    if self._compiled is not None:
+      compiler, key = self._compiled
+      return compiler.get((key, which))
+    return self._prefill if which == "prefill" else self._step
 
   def generate(self, prompts, lengths, *, max_new_tokens: int):
     """Greedy continuation: int32 [B, max_new_tokens]."""
@@ -164,11 +191,14 @@ class Generator:
     nll, pred = [], []
     for j in range(num_steps):
       logits, caches = self.step(caches, inputs[rows, start + j])
-      tgt = jnp.asarray(targets[rows, start + j])
-      nll.append(optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                                 tgt))
-      pred.append(logits.argmax(-1))
-    return (np.asarray(jnp.stack(nll, 1)), np.asarray(jnp.stack(pred, 1)))
+      # numpy from here: no tracing on this thread while a background
+      # compiler may be lowering (see submit_compiles).
+      lg = np.asarray(logits, np.float64)
+      lg = lg - lg.max(-1, keepdims=True)
+      logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+      nll.append(-logp[rows, targets[rows, start + j]])
+      pred.append(lg.argmax(-1))
+    return np.stack(nll, 1), np.stack(pred, 1)
 
 
 def generate(model, prompts, lengths, *, max_new_tokens: int,

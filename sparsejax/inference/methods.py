@@ -169,6 +169,8 @@ class DoubleSparsity(DecodeMethod):
   channels: Optional[Tuple[Any, ...]] = None
 
   def calibrate(self, model, tokens):
+    if self.channels is not None:
+      return self
     qk = lm_decode.capture_qk(model, jnp.asarray(tokens))
     d = qk[0][0].shape[-1]
     r = max(1, round(d * self.channel_fraction))
@@ -242,6 +244,8 @@ class MoA(DecodeMethod):
   sink_size: int = 64
 
   def calibrate(self, model, tokens):
+    if self.spans is not None:
+      return self
     toks = np.asarray(tokens)
     template = moa.MoASpans((0.0,), (1.0,), self.min_span, self.block,
                             self.sink_size)

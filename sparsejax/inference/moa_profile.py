@@ -16,6 +16,7 @@ head (exact for the relaxation, no solver needed).
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -116,11 +117,16 @@ def choose_spans(losses: np.ndarray, candidates, *, target_len: int,
           lo, mid)
     lam = hi
   choice = pick(lam)
+  if dens[choice].mean() > density_budget:
+    logging.warning("MoA profiling: the shortest candidate spans have mean "
+                    "density %.3f > the budget %.3f at length %d",
+                    dens[choice].mean(), density_budget, target_len)
   plans = [MoASpans(tuple(candidates[c][0] * alpha_scale for c in row),
                     tuple(candidates[c][1] for c in row), template.min_span,
                     template.round_to, template.sink_size)
            for row in choice]
   info = dict(density=float(dens[choice].mean()), multiplier=float(lam),
+              met_budget=bool(dens[choice].mean() <= density_budget),
               lost_influence=float(np.take_along_axis(
                   losses, choice[..., None], -1).sum()),
               choice=choice.tolist())

@@ -1,27 +1,45 @@
 #!/usr/bin/env bash
-# Vision attention on one H200 (issue #11), from the repo root; wall budget 4 min.
+# Vision attention on one H200 (issue #11), from the repo root; wall budget 4 min
+# (a deadline caps every step, most important first).
 #   bash benchmarks/vision/run_h200.sh OUTDIR
-# 1. GPU test classes (window kernel, NA and routing through the core), 2. the
-# torch peers (timm SDPA + bias, FlexAttention score_mod/NA, BiFormer gather),
-# 3. sj.vision at the same shapes: MaxViT-T stages (fused permutation and
-# pre-partitioned, fwd and fwd+bwd with the bias gradient, vs XLA einsum),
-# BiFormer stages (time, compiled memory), NA 1-D 32K / 2-D 256^2 / 128^2 vs
-# cuDNN dense (with and without the token permutation). JSON, table, plots.
+# 1. GPU test classes (window kernel, NA with the fused bias and routing through
+# the core), 2. sj.vision: MaxViT-T stages (fused permutation and pre-partitioned,
+# fwd and fwd+bwd with the bias gradient, vs XLA einsum) and BiFormer stages
+# (time, compiled memory), 3. torch peers per case (timm SDPA + bias,
+# FlexAttention score_mod / NA mask, BiFormer gather), 4. NA 1-D 32K / 2-D 256^2
+# / 128^2 vs cuDNN dense (with and without the token permutation) and the cost
+# of the fused NA bias, 5. BiFormer fwd+bwd device peak memory (one fresh process
+# per stage), 6. one merged report: report/{table.md,*.png,results.json}.
 set -uo pipefail
 out=${1:?usage: run_h200.sh OUTDIR}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+deadline=$((SECONDS + ${VISION_BUDGET_S:-222}))  # override: a CPU dry run
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv 2>&1 | tee "$out/gpu.txt"
-step() {  # step NAME SECONDS CMD...: run with a timeout, log, carry on on failure
+step() {  # step NAME SECONDS CMD...: timeout (capped by the deadline), log, carry on
   local name=$1 secs=$2; shift 2
+  local left=$((deadline - SECONDS))
+  [ "$secs" -gt "$left" ] && secs=$left
+  if [ "$secs" -lt 8 ]; then echo "=== $name SKIPPED (wall budget spent)"; return; fi
   echo "=== $name (timeout ${secs}s)"
   timeout "$secs" "$@" 2>&1 | grep -v -e Warn -e "^ *warnings.warn" | tee "$out/$name.log" | tail -40
   local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || echo "=== $name FAILED (rc $rc), continuing"
 }
-step gpu_tests 60 python3 -m pytest tests/test_vision_impls.py -k Gpu -q -x -p no:cacheprovider
-step peers 75 python3 .peer/peer_variants.py --cases maxvit,biformer,na1d,na2d --out "$out/peers.json"
-step bench_maxvit_routing 60 python3 -m experiments.bench_vision --parts=maxvit,routing \
-  --out_dir="$out/maxvit_routing" --peers="$out/peers.json"
-step bench_na 45 python3 -m experiments.bench_vision --parts=na --repeats=5 \
-  --out_dir="$out/na" --peers="$out/peers.json"
-echo "=== done: $out"
+# A variable, not a function: timeout runs no shell functions. CPU dry run:
+# VISION_BUDGET_S=90 VISION_BENCH_FLAGS="--smoke --impls=xla --na_impls=xla
+# --bias_impls=xla" bash benchmarks/vision/run_h200.sh /tmp/out (later flags win)
+bench="python3 -m experiments.bench_vision"
+x=${VISION_BENCH_FLAGS:-}
+step gpu_tests 55 python3 -m pytest tests/test_vision_impls.py -k Gpu -q -x -p no:cacheprovider
+step bench_maxvit_routing 55 $bench --parts=maxvit,routing --out_dir="$out/maxvit_routing" $x
+step peers_maxvit_biformer 40 python3 .peer/peer_variants.py --cases maxvit,biformer \
+  --out "$out/peers_maxvit_biformer.json"
+step bench_na 45 $bench --parts=na,na_bias --repeats=5 --out_dir="$out/na" $x
+step peers_na 35 python3 .peer/peer_variants.py --cases na1d,na2d --out "$out/peers_na.json"
+step bench_memory 20 $bench --parts=routing_memory --na_impls=pallas_triton --case_timeout=15 \
+  --out_dir="$out/memory" $x
+deadline=$((deadline + 15))  # the report needs no GPU: seconds
+step report 15 $bench --out_dir="$out/report" \
+  --merge="$out/maxvit_routing/results.json,$out/na/results.json,$out/memory/results.json" \
+  --peers="$out/peers_maxvit_biformer.json,$out/peers_na.json"
+echo "=== done in ${SECONDS}s: $out"

@@ -4,7 +4,9 @@ Timing is `sparsejax.benchmark.median_ms` (compile, warm-up, median of
 synchronised repeats) on random normal inputs, the same shapes for every
 contender. Forward+backward differentiates q, k, v and the bias table.
 Memory: XLA's compiled memory analysis of the jitted call (arguments +
-outputs + temporaries), which does not depend on what ran before.
+outputs + temporaries), which does not depend on what ran before, and the
+device allocator's peak (`device_peak_mib`, one fresh process per case:
+experiments/bench_vision.py --parts=routing_memory).
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ NA = [(1, (32768,), 16, 128, 2048), (1, (256, 256), 24, 128, 80),
 # (images, side, channels, heads, regions, topk): BiFormer-T stages 1-3.
 ROUTING = [(64, 56, 64, 2, 7, 1), (64, 28, 128, 4, 7, 4),
            (64, 14, 256, 8, 7, 16)]
+# NA with and without the fused relative bias (NAT-Mini stage 1; the
+# 128x128 K13 case above). The 1-D K2048 and 2-D K80 tables exceed the
+# kernels' gradient-statistics budget (natten.MAX_KERNEL_BIAS_ENTRIES).
+NA_BIAS = [(64, (56, 56), 2, 32, 7), (1, (128, 128), 16, 64, 13)]
 SMOKE = dict(maxvit=[(2, 14, 2, 32, 7)], na=[(1, (256,), 2, 32, 15),
                                              (1, (16, 16), 2, 32, 5)],
+             na_bias=[(1, (16, 16), 2, 32, 5)],
              routing=[(2, 14, 32, 2, 7, 2)])
 
 
@@ -144,21 +151,74 @@ def na_rows(cases, impls, warmup, repeats, log=print, dtype=jnp.bfloat16,
   return rows
 
 
+def na_bias_rows(cases, impls, warmup, repeats, log=print,
+                 dtype=jnp.bfloat16):
+  """What the fused relative bias costs: NA with and without it."""
+  rows = []
+  for b, shape_, heads, d, kern in cases:
+    n = len(shape_)
+    shape = f"B{b} {'x'.join(map(str, shape_))} H{heads} D{d} K{kern}"
+    q, k, v = _inputs((b, *shape_, heads, d), dtype, 3)
+    table = 0.1 * jax.random.normal(jax.random.key(9),
+                                    (heads,) + (2 * kern - 1,) * n)
+    size = 1
+    for s in shape_:
+      size *= s
+    flops = 4 * b * heads * size * kern ** n * d
+    with_bias = lambda i: (lambda q, k, v, t: V.neighborhood_attention(
+        q, k, v, kern, rel_bias=t, impl=i))
+    ref = jax.jit(with_bias("xla"))(q, k, v, table)
+    for impl in impls:
+      _run(rows, "na_bias", shape, f"{impl} no bias",
+           lambda q, k, v, i=impl: V.neighborhood_attention(q, k, v, kern,
+                                                            impl=i),
+           (q, k, v), flops, warmup, repeats, log)
+      _run(rows, "na_bias", shape, f"{impl} + rel bias (fused, with grad)",
+           with_bias(impl), (q, k, v, table), flops, warmup, repeats, log,
+           ref=ref)
+  return rows
+
+
+def _routing_case(case, dtype):
+  imgs, side, c, heads, regions, topk = case
+  d = c // heads
+  shape = f"{imgs}img {side}x{side} C{c} h{heads} win{regions} top{topk}"
+  r = (side // regions) ** 2
+  flops = 4 * imgs * regions ** 2 * r * topk * r * c
+  fn = lambda i: (lambda q, k, v: V.routing_attention(
+      q, k, v, regions, topk, scale=c ** -0.5, impl=i))
+  return shape, (imgs, side, side, heads, d), flops, fn
+
+
 def routing_rows(cases, impls, warmup, repeats, log=print,
                  dtype=jnp.bfloat16):
   rows = []
-  for imgs, side, c, heads, regions, topk in cases:
-    d = c // heads
-    shape = f"{imgs}img {side}x{side} C{c} h{heads} win{regions} top{topk}"
-    q, k, v = _inputs((imgs, side, side, heads, d), dtype, 3)
-    r = (side // regions) ** 2
-    flops = 4 * imgs * regions ** 2 * r * topk * r * c
+  for case in cases:
+    shape, qshape, flops, fn = _routing_case(case, dtype)
+    q, k, v = _inputs(qshape, dtype, 3)
     for impl in impls:
       _run(rows, "biformer", shape, f"{impl} routing (with permutation)",
-           lambda q, k, v, i=impl: V.routing_attention(
-               q, k, v, regions, topk, scale=c ** -0.5, impl=i),
-           (q, k, v), flops, warmup, repeats, log, memory=True)
+           fn(impl), (q, k, v), flops, warmup, repeats, log, memory=True)
   return rows
+
+
+def device_peak_mib(case, impl, dtype=jnp.bfloat16) -> dict:
+  """Routing fwd+bwd's device peak (allocator's peak_bytes_in_use) in a
+  process that has run nothing else: call it in a fresh process."""
+  shape, qshape, _, fn = _routing_case(case, dtype)
+  row = dict(case="biformer", shape=shape, bwd=True,
+             contender=f"{impl} routing (with permutation)")
+  stats = jax.devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return dict(row, error=f"no memory_stats on {jax.devices()[0].platform}")
+  q, k, v = _inputs(qshape, dtype, 3)
+  inputs = 3 * q.size * q.dtype.itemsize
+  g = jax.jit(jax.grad(lambda *a: fn(impl)(*a).astype(jnp.float32).sum(),
+                       argnums=(0, 1, 2)))
+  jax.block_until_ready(g(q, k, v))
+  stats = jax.devices()[0].memory_stats()
+  return dict(row, device_peak_mib=stats["peak_bytes_in_use"] / 2 ** 20,
+              inputs_mib=inputs / 2 ** 20)
 
 
 def format_row(r) -> str:

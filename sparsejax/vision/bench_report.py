@@ -10,49 +10,58 @@ from sparsejax import plotting  # noqa: F401  (selects the Agg backend)
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
-def load_peers(path):
-  """Rows of .peer/peer_variants.py, in the sj row format."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    data = json.load(f)
-  return [dict(r, contender="torch: " + r["contender"]) for r in
-          data.get("results", []) if "ms" in r]
+def load_peers(paths):
+  """Rows of .peer/peer_variants.py JSON files (missing ones skipped), in
+  the sj row format."""
+  out = []
+  for path in ([paths] if isinstance(paths, str) else paths):
+    if not path or not os.path.exists(path):
+      continue
+    with open(path) as f:
+      data = json.load(f)
+    out += [dict(r, contender="torch: " + r["contender"]) for r in
+            data.get("results", []) if "ms" in r or "peak_mib" in r]
+  return out
 
 
 def _key(case):
-  return "na" if case.startswith("na") else case
+  return "na" if case in ("na1d", "na2d", "na3d") else case
+
+
+def _num(x, fmt):
+  return "" if x is None else format(x, fmt)
 
 
 def table(rows, peers) -> str:
-  """One markdown table per case family: ms fwd / fwd+bwd per contender."""
+  """One markdown table per case family: ms fwd / fwd+bwd per contender,
+  XLA's compiled memory and the device allocator's peak (fwd+bwd)."""
   out = []
   grouped = collections.defaultdict(dict)
   for r in rows + peers:
-    if "ms" not in r:
+    if not any(k in r for k in ("ms", "peak_mib", "device_peak_mib")):
       continue
     cell = grouped[(_key(r["case"]), r["shape"])].setdefault(
         r["contender"], {})
-    cell[r["bwd"]] = r["ms"]
+    if "ms" in r:
+      cell[r["bwd"]] = r["ms"]
     if r.get("memory_mib") is not None and r["bwd"]:
-      cell["mem"] = r["memory_mib"]
-    if r.get("peak_mib") is not None:
-      cell["mem"] = r["peak_mib"]
+      cell["compiled"] = r["memory_mib"]
+    for k in ("peak_mib", "device_peak_mib"):  # torch's / ours, fwd+bwd
+      if r.get(k) is not None:
+        cell["peak"] = r[k]
   for case in sorted({c for c, _ in grouped}):
     out += [f"\n### {case}\n", "| shape | contender | fwd ms | fwd+bwd ms | "
-            "memory MiB (fwd+bwd) |", "|---|---|---|---|---|"]
+            "compiled MiB (fwd+bwd) | device peak MiB (fwd+bwd) |",
+            "|---|---|---|---|---|---|"]
     for (c, shape), contenders in sorted(grouped.items()):
       if c != case:
         continue
       for name, cell in sorted(contenders.items(),
                                key=lambda kv: kv[1].get(False, 1e9)):
-        f = cell.get(False)
-        b = cell.get(True)
-        mem = cell.get("mem")
-        out.append(f"| {shape} | {name} | "
-                   f"{'' if f is None else f'{f:.3f}'} | "
-                   f"{'' if b is None else f'{b:.3f}'} | "
-                   f"{'' if mem is None else f'{mem:.0f}'} |")
+        out.append(f"| {shape} | {name} | {_num(cell.get(False), '.3f')} | "
+                   f"{_num(cell.get(True), '.3f')} | "
+                   f"{_num(cell.get('compiled'), '.0f')} | "
+                   f"{_num(cell.get('peak'), '.0f')} |")
   for r in rows:
     if "error" in r:
       out.append(f"\nFAILED {r['case']} {r['shape']} {r['contender']} "
@@ -89,10 +98,12 @@ def plot(rows, peers, path, case):
   plt.close(fig)
 
 
-def write(rows, peers, out_dir):
+def write(rows, peers, out_dir, plots=True):
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(dict(rows=rows, peers=peers), f, indent=1)
+  if not plots:
+    return
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write(table(rows, peers))
-  for case in ("maxvit", "na", "biformer"):
+  for case in ("maxvit", "na", "na_bias", "biformer"):
     plot(rows, peers, os.path.join(out_dir, f"{case}.png"), case)

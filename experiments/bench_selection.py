@@ -45,9 +45,13 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "", "where results go")
 def tunings():
   from pallas_kernels.gpu.paged_decode import TuningConfig  # pylint: disable=g-import-not-at-top
   # The default first: it is what every other contender runs if all fail.
-  return (None, TuningConfig(block_tokens=256), TuningConfig(num_stages=3),
-          TuningConfig(block_tokens=256, num_warps=8, num_stages=3),
-          TuningConfig(num_splits=32), TuningConfig(target_programs=512))
+  # 128-token steps hold 64 KB of K and V per stage in shared memory: one or
+  # two programs per SM; 64-token steps fit three. 256-token steps at 2
+  # stages may not fit (a compile error is a row, not a crash).
+  return (None, TuningConfig(block_tokens=64, num_stages=3),
+          TuningConfig(num_stages=3), TuningConfig(num_splits=32),
+          TuningConfig(block_tokens=64, target_programs=2048),
+          TuningConfig(block_tokens=256, num_warps=8))
 
 
 def add_peers(rows, peers):
@@ -74,7 +78,8 @@ def main(argv):
   if _SMOKE.value:
     setup = dataclasses.replace(
         setup, batch=2, heads=4, kv_heads=2, head_dim=16, dtype="float32",
-        page_size=8, quest_budget=64, tidal_budgets=(16, 64),
+        page_size=8, quest_budget=64, quest_pages=(8, 16),
+        tidal_budgets=(16, 64),
         moa_betas=(0.25, 0.5), impl="pallas_triton", interpret=True,
         dense_ref="dense_xla")
     lengths = [256]

@@ -10,7 +10,7 @@ from sparsejax.inference import selection_plots
 
 SETUP = selection_bench.Setup(
     batch=2, heads=4, kv_heads=2, head_dim=16, dtype="float32", page_size=8,
-    quest_budget=64, tidal_budgets=(16,), moa_betas=(0.25, 0.5), impl="xla",
+    quest_budget=64, quest_pages=(8, 16), tidal_budgets=(16,), moa_betas=(0.25, 0.5), impl="xla",
     dense_ref="dense_xla", num_layers=4, dense_layers=1, selection_layers=1)
 
 
@@ -25,6 +25,7 @@ def test_selection_bench_times_every_method_and_counts_bytes(tmp_path):
   assert rows["paged_dense"]["max_abs_err_vs_cudnn"] < 1e-5
   # Bytes: Quest reads 64 of 256 tokens plus min/max per page of 8.
   assert rows["quest"]["read_fraction"] == 64 / 256 + 2 / 8 / 2
+  assert rows["quest_p16"]["read_fraction"] == 64 / 256 + 2 / 16 / 2
   assert rows["double_sparsity"]["read_fraction"] == 16 / 256 + 1 / 16 / 2
   assert rows["tidal_reuse_16"]["read_fraction"] == 16 / 256
   # MoA: both spans (0.25 and 0.5 of 256) are raised to min_span 128.

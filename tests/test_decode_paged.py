@@ -121,7 +121,8 @@ def test_triton_tuning_lowers_and_validates():
     TuningConfig(num_warps=3)
   # Splits: about target_programs programs, at least min_steps steps each.
   assert TuningConfig().splits(64, 256) == 16
-  assert TuningConfig().splits(64, 16) == 4
+  assert TuningConfig().splits(64, 16) == 8
+  assert TuningConfig(min_steps=4).splits(64, 16) == 4
   assert TuningConfig(num_splits=2).splits(64, 256) == 2
 
 

@@ -55,7 +55,7 @@ class TuningConfig:
   num_warps: int = 4
   num_stages: int = 2
   target_programs: int = 1024
-  min_steps: int = 4
+  min_steps: int = 2
 
   def __post_init__(self):
     if self.block_tokens is not None and (not _pow2(self.block_tokens) or

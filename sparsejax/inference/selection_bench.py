@@ -55,6 +55,7 @@ class Setup:
   dtype: str = "bfloat16"
   page_size: int = 16
   quest_budget: int = 2048
+  quest_pages: tuple = (16, 32)  # Quest's page 16, and 32 (half the bounds)
   ds_fraction: float = 1 / 16  # tokens and channels
   tidal_budgets: tuple = (128, 2048)
   # MoA plan: span fraction beta per kv head (alpha 0), mean 0.117.
@@ -162,23 +163,12 @@ def cases(s: Setup, length: int, key, *, tuning=None,
                                             c.dense_lists(), **kw)),
                     (q, cache), dense_bytes, 1.0))
   if want("quest"):
-    meta = int(2 * s.batch * s.kv_heads * (length // s.page_size) *
-               s.head_dim * s.item)
-    budget = s.quest_budget
-    out.append(Case("quest", jax.jit(lambda q, c: quest.quest_decode(
-        q, c, token_budget=budget, **kw)), (q, cache),
-                    meta + _kv_bytes(s, budget), budget / length,
-                    dict(metadata_bytes=meta)))
-    select = jax.jit(lambda q, c: quest.select_pages(
-        q, c.page_min, c.page_max, c.lengths, page_size=s.page_size,
-        token_budget=budget))
-    out.append(Case("quest_select", select, (q, cache), meta, 0.0))
-    logical, counts = select(q, cache)
-    out.append(Case("quest_attend", jax.jit(
-        lambda q, c, lg, n: paged_decode_attention(
-            q, c.k_pages, c.v_pages, c.page_lists(lg, n), **kw)),
-                    (q, cache, logical, counts), _kv_bytes(s, budget),
-                    budget / length))
+    for page in s.quest_pages:
+      qc = cache if page == s.page_size else random_cache(
+          dataclasses.replace(s, page_size=page), length, key,
+          page_bounds=True)
+      out += _quest_cases(s, length, q, qc, kw,
+                          "quest" if page == s.page_size else f"quest_p{page}")
   if want("double_sparsity"):
     budget = math.ceil(length * s.ds_fraction)
     labels = s.batch * s.kv_heads * length * r * s.item
@@ -217,6 +207,26 @@ def cases(s: Setup, length: int, key, *, tuning=None,
                     dict(capacity=mc.capacity,
                          mean_beta=float(np.mean(s.moa_betas)))))
   return out
+
+
+def _quest_cases(s: Setup, length, q, cache, kw, name):
+  """Quest end to end, its selection alone and the attention alone."""
+  page, budget = cache.page_size, s.quest_budget
+  meta = int(2 * s.batch * s.kv_heads * (length // page) * s.head_dim *
+             s.item)
+  full = Case(name, jax.jit(lambda q, c: quest.quest_decode(
+      q, c, token_budget=budget, **kw)), (q, cache),
+              meta + _kv_bytes(s, budget), budget / length,
+              dict(metadata_bytes=meta, page_size=page))
+  select = jax.jit(lambda q, c: quest.select_pages(
+      q, c.page_min, c.page_max, c.lengths, page_size=page,
+      token_budget=budget))
+  logical, counts = select(q, cache)
+  attend = jax.jit(lambda q, c, lg, n: paged_decode_attention(
+      q, c.k_pages, c.v_pages, c.page_lists(lg, n), **kw))
+  return [full, Case(f"{name}_select", select, (q, cache), meta, 0.0),
+          Case(f"{name}_attend", attend, (q, cache, logical, counts),
+               _kv_bytes(s, budget), budget / length)]
 
 
 def time_case(case: Case, *, warmup=3, repeats=20, inner=10) -> dict:

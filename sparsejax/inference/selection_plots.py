@@ -8,7 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-MAIN = ("cudnn", "dense_xla", "paged_dense", "quest", "double_sparsity",
+MAIN = ("cudnn", "dense_xla", "paged_dense", "quest", "quest_p32",
+        "double_sparsity",
         "tidal_reuse_128", "tidal_reuse_2048", "tidal_128_layer_avg",
         "tidal_2048_layer_avg", "moa")
 

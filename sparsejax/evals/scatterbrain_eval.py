@@ -418,12 +418,13 @@ def plot(out: Mapping[str, Any], out_dir: str) -> list[str]:
       vals = [study["drop_in"][n][metric] for n in names]
       ax.set_ylim(0.9 * min(vals), None)
   for i, n in enumerate(names):
-    pts = out["lm"]["from_scratch"][n]["eval_loss"]
+    pts = out["lm"]["from_scratch"][n]["train_loss"]
     if pts:
       s, l = zip(*pts)
-      axes[2].plot(s, l, "o-", color=f"C{i}", label=n)
+      axes[2].plot(s, l, "-", color=f"C{i}", label=n)
   axes[2].set_xlabel("step")
-  axes[2].set_ylabel("LM eval loss (from scratch)")
+  axes[2].set_ylabel("LM train loss (from scratch)")
+  axes[2].set_ylim(None, 4.0)
   axes[2].legend(fontsize=8)
   axes[2].grid(alpha=0.3)
   fig.tight_layout()

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call, several families (the lead's wrapper around each family's
 # benchmarks/<family>/run_h200.sh). From the repo root on the H200:
-#   bash benchmarks/run_families_h200.sh OUTDIR family[:script] ...
-# e.g.  bash benchmarks/run_families_h200.sh $OUT linear vision core:run_mosaic_h200.sh
+#   bash benchmarks/run_families_h200.sh OUTDIR family[:script[:seconds[:args]]] ...
+# e.g.  bash benchmarks/run_families_h200.sh $OUT linear::120 core:run_mosaic_h200.sh:90
+# `seconds` caps a family's script (what it wrote before the cap comes back);
+# `args` (comma-separated) follow OUTDIR on its command line.
 # Installs the carried wheels (.whl: ml_collections, grain, tfds, fla-core),
 # runs each family script into OUTDIR/<family>, and packs each into
 # OUTDIR/<family>.tar.gz (the device tool returns at most 8 files).
@@ -19,11 +21,14 @@ export PYTHONPATH=$PWD:$PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 start=$SECONDS
 for item in "$@"; do
-  family=${item%%:*}; script=run_h200.sh
-  [ "$item" != "$family" ] && script=${item#*:}
+  IFS=: read -r family script secs args <<< "$item"
+  script=${script:-run_h200.sh}; secs=${secs:-600}
   name=$family; [ "$script" != run_h200.sh ] && name=${family}_${script%.sh}
-  echo "######## $name (at $((SECONDS - start)) s)"
-  bash "benchmarks/$family/$script" "$out/$name" 2>&1 | tee "$out/$name.console.log" | tail -60
+  echo "######## $name (cap ${secs} s, at $((SECONDS - start)) s)"
+  mkdir -p "$out/$name"
+  # shellcheck disable=SC2086
+  timeout -k 5 "$secs" bash "benchmarks/$family/$script" "$out/$name" ${args//,/ } 2>&1 \
+    | tee "$out/$name.console.log" | tail -40
   mv "$out/$name.console.log" "$out/$name/console.log" 2>/dev/null
   tar czf "$out/$name.tar.gz" -C "$out" "$name" && rm -rf "${out:?}/$name"
 done

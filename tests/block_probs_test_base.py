@@ -125,8 +125,8 @@ class BlockProbsSuite:
   Interpret-mode classes check gradients on GRAD_CASES only (None: all):
   the backward is the same code for every implementation (the shared
   custom_vjp around the core's attention backward), so elsewhere they check
-  their own forward kernel's values; SLOW_CASES (case names, or "bf16") are
-  skipped where an interpreter is too slow for CI.
+  their own forward kernel's values; SLOW_CASES (case names, "bf16" or
+  "structure") are skipped where an interpreter is too slow for CI.
   """
   IMPL: str = ""
   INTERPRET: bool = False
@@ -158,6 +158,9 @@ class BlockProbsSuite:
     """Unnormalised maxima are probabilities (<= 1; block (0, 0) holds row
     0, whose only key gives exactly 1), causal blocks above the diagonal
     are exactly 0, and two calls agree bit for bit."""
+    if "structure" in self.SLOW_CASES:
+      pytest.skip(f"slow under {self.IMPL} interpret mode; the xla and "
+                  "Triton classes check the structure")
     case = BY_NAME["causal_ragged_gqa"]
     q, k, _ = inputs(case, jnp.float32, seed=3)
     f = jax.jit(lambda q, k: sj.learned.block_attention_probs(

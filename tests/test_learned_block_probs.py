@@ -15,6 +15,8 @@ _TPU = jax.sharding.AbstractDevice(device_kind="TPU v5e", num_cores=1,
 
 class TestXla(BlockProbsSuite):
   IMPL = "xla"
+  # The backward is shared code: gradients on a GQA and a d48 case.
+  GRAD_CASES = ("causal_ragged_gqa", "causal_block32_d48_ragged")
 
 
 class TestPallasTritonInterpret(BlockProbsSuite):
@@ -28,7 +30,7 @@ class TestPallasTpuInterpret(BlockProbsSuite):
   INTERPRET = True
   GRAD_CASES = ("causal_ragged_gqa",)
   # TPU interpret mode simulates the memories and checks races: slow.
-  SLOW_CASES = frozenset({"causal_q_longer_than_kv", "bf16"})
+  SLOW_CASES = frozenset({"causal_q_longer_than_kv", "bf16", "structure"})
 
 
 @pytest.mark.gpu
@@ -37,6 +39,9 @@ class TestPallasTpuInterpret(BlockProbsSuite):
                     "the CUDA lowering tests below)")
 class TestPallasTritonGpu(BlockProbsSuite):
   IMPL = "pallas_triton"
+  # Every case checks the kernel's values; gradients (the shared backward
+  # through the core's kernels, each case its own compiles) on one.
+  GRAD_CASES = ("causal_ragged_gqa",)
 
 
 def _specs(dtype, length, heads, kv_heads, d):

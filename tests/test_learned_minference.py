@@ -13,6 +13,7 @@ from flax import nnx
 import sparsejax as sj
 from sparsejax.learned import minference
 from sparsejax.nn import learned_layers
+from tests import test_learned_seer
 from tests.block_probs_test_base import assert_close
 
 B = 16  # block size of these tests
@@ -77,8 +78,14 @@ def _np_vs_blocks(q, k, vs):
     minference.AShape(sink=20, local=40), minference.BlockSparse(topk=2),
     minference.Dense()], ids=lambda p: type(p).__name__)
 def test_patterns_match_numpy(pattern):
-  q, k, _ = _qk()
-  got = np.asarray(jax.jit(lambda q, k: pattern.blocks(q, k, B))(q, k))
+  """blocks() against numpy; minference_mask's lists (from the pattern's
+  picks, k not repeated for GQA) list exactly those blocks."""
+  q, k, _ = _qk(h=4, hkv=2)
+  got, mask = jax.jit(lambda q, k: (
+      pattern.blocks(q, k, B),
+      sj.learned.minference_mask(q, k, pattern, block_size=B)))(q, k)
+  test_learned_seer.check_causal_lists(mask, got)
+  got = np.asarray(got)
   n = -(-100 // B)
   causal = np.tril(np.ones((n, n), bool))
   assert not (got & ~causal).any()
@@ -109,17 +116,22 @@ def test_mask_under_jit_matches_dense_reference_without_recompiles():
   @jax.jit
   def run(q, k, v):
     mask = sj.learned.minference_mask(q, k, patterns, block_size=B)
-    return sj.attention(q, k, v, mask, impl="xla"), mask.to_dense()
+    return (sj.attention(q, k, v, mask, impl="xla"), mask.to_dense(),
+            mask, sj.learned.head_blocks(q, k, patterns, block_size=B))
 
   seen = []
   for seed in range(2):
     q, k, v = _qk(seed=seed)
-    out, dense = run(q, k, v)
+    out, dense, mask, blocks = run(q, k, v)
+    # Per-head patterns of different list widths, padded to one.
+    test_learned_seer.check_causal_lists(mask, blocks)
     want = sj.learned.masked_attention_reference(q, k, v, dense)
     assert_close("out", out, want, 2e-5)
     seen.append(np.asarray(dense))
   assert run._cache_size() == 1  # pylint: disable=protected-access
   assert (seen[0] != seen[1]).any()
+  with pytest.raises(ValueError, match="self-attention"):
+    sj.learned.minference_mask(q, k[:, :64], patterns, block_size=B)
 
 
 def test_search_picks_the_cheapest_pattern_with_enough_recall():

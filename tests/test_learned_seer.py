@@ -12,8 +12,10 @@ import pytest
 from flax import nnx
 
 import sparsejax as sj
+from sparsejax.block_sparse.block_mask import FULL, PARTIAL
 from sparsejax.learned import gate as gate_lib
 from sparsejax.nn import learned_layers
+from tests import test_mask_lists
 
 
 def _qk(b=1, l=70, h=4, hkv=2, d=16, seed=0):
@@ -101,6 +103,29 @@ class TestGate:
     with pytest.raises(ValueError, match="exactly one"):
       sj.learned.select_blocks(scores)
 
+  def test_gate_mask_lists_equal_the_selection(self):
+    """gate_mask's lists (from the top-k indices; a threshold's from its
+    kept-block array) list exactly the blocks select_blocks keeps: the
+    diagonal partial (causal), the rest full. Ragged and even lengths, with
+    and without dense last rows."""
+    def scores(length):
+      n = -(-length // 16)
+      return jnp.where(gate_lib.block_causal(n, n), jax.random.normal(
+          jax.random.key(length), (2, 3, n, n)), -jnp.inf)
+
+    @jax.jit
+    def build(s100, s64):
+      out = []
+      for s, length, sel in ((s100, 100, dict(density=0.3, last_dense=2)),
+                             (s64, 64, dict(threshold=0.1, last_dense=0))):
+        out.append((gate_lib.gate_mask(s, block_size=16, q_len=length,
+                                       **sel),
+                    gate_lib.select_blocks(s, **sel)))
+      return out
+
+    for mask, want in build(scores(100), scores(64)):
+      check_causal_lists(mask, want)
+
   def test_kl_loss_matches_torch_kldiv_mean(self):
     nb = 8
     ks = jax.random.split(jax.random.key(2), 2)
@@ -120,6 +145,20 @@ class TestGate:
     logt = jnp.where(target > 0, jnp.log(jnp.where(target > 0, target, 1.0)),
                      -jnp.inf)
     assert abs(float(sj.learned.gate_kl_loss(logt, target))) < 1e-6
+
+
+def check_causal_lists(mask, want_blocks):
+  """mask lists want_blocks: off-diagonal blocks full, the diagonal partial
+  under Causal; the lists well formed."""
+  states = np.asarray(test_mask_lists.block_states(mask))
+  want = np.asarray(want_blocks)
+  n = want.shape[-1]
+  eye = np.eye(n, dtype=bool)
+  np.testing.assert_array_equal(states == FULL, want & ~eye)
+  np.testing.assert_array_equal(states == PARTIAL,
+                                np.broadcast_to(eye, want.shape))
+  assert mask.mask_fn == sj.mask_fns.Causal()
+  test_mask_lists.assert_well_formed(mask)
 
 
 def _layer(mode="sparse", density=0.5, seq_len=96, seed=0):

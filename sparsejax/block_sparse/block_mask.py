@@ -82,6 +82,105 @@ def _compress_np(member: np.ndarray, width: Optional[int]):
           jnp.asarray(idx.reshape(*shape, width).astype(np.int32)))
 
 
+_NONE = np.iinfo(np.int32).max  # sorts after every index
+
+
+def _pad_rows(key, counts, width):
+  """Sorted keys [..., C] (valid first) -> compress's format at `width`."""
+  c = key.shape[-1]
+  if width > c:
+    pad = [(0, 0)] * (key.ndim - 1) + [(0, width - c)]
+    key = jnp.pad(key, pad, constant_values=_NONE)
+  key = key[..., :width]
+  counts = jnp.minimum(counts, width)
+  last = jnp.take_along_axis(key, jnp.maximum(counts - 1, 0)[..., None], -1)
+  last = jnp.where(counts[..., None] > 0, last, 0)
+  return counts, jnp.where(jnp.arange(width) < counts[..., None], key, last)
+
+
+def sorted_lists(cand, valid, width: Optional[int] = None, *,
+                 unique: bool = False):
+  """`compress`'s lists from candidate indices, without a [..., n] pass.
+
+  cand int [..., C]: candidate block indices of each row, in any order;
+  valid bool (broadcast to cand): which of them count. Returns (counts
+  [...], idx [..., width]): each row's valid candidates sorted, duplicates
+  dropped (pass unique=True when there are none: one sort instead of two),
+  padded as `compress` pads. width defaults to C; a row with more than
+  `width` entries keeps its first `width`. Works traced (static shapes);
+  the cost is a sort over C per row, so k-of-n selections cost O(k log k)
+  per row rather than O(n).
+  """
+  cand = jnp.asarray(cand)
+  if not jnp.issubdtype(cand.dtype, jnp.integer):
+    raise TypeError(f"cand must be an integer array, got {cand.dtype}")
+  valid = jnp.broadcast_to(jnp.asarray(valid, bool), cand.shape)
+  key = jnp.sort(jnp.where(valid, cand.astype(jnp.int32), _NONE), axis=-1)
+  if not unique:
+    dup = jnp.concatenate([jnp.zeros_like(key[..., :1], bool),
+                           key[..., 1:] == key[..., :-1]], -1)
+    key = jnp.sort(jnp.where(dup, _NONE, key), axis=-1)
+  counts = (key != _NONE).sum(-1, dtype=jnp.int32)
+  width = cand.shape[-1] if width is None else int(width)
+  if width < 1:
+    raise ValueError(f"width must be >= 1, got {width}")
+  return _pad_rows(key, counts, width)
+
+
+def transpose_lists(counts, idx, num_cols: int, width: Optional[int] = None):
+  """The transposed lists of (counts [..., R], idx [..., R, W]): for each
+  of `num_cols` columns, the sorted rows listing it (`compress`'s format).
+
+  One sort of the R * W (column, row) keys per leading index, then a
+  binary search for each column's start and a gather: no [..., R, num_cols]
+  array. width defaults to R (any traced list fits); a column listed by
+  more rows keeps its first `width`.
+  """
+  counts, idx = jnp.asarray(counts), jnp.asarray(idx)
+  *lead, r, w = idx.shape
+  if tuple(counts.shape) != tuple(lead) + (r,):
+    raise ValueError(f"counts {counts.shape} must be idx's shape {idx.shape}"
+                     f" without the last axis")
+  listed = jnp.arange(w) < counts[..., None]
+  rows = jnp.arange(r, dtype=jnp.int32)[:, None]
+  key = jnp.where(listed, idx.astype(jnp.int32) * r + rows, num_cols * r)
+  key = jnp.sort(key.reshape(-1, r * w), axis=-1)
+  bounds = jnp.arange(num_cols + 1, dtype=jnp.int32) * r
+  starts = jax.vmap(lambda row: jnp.searchsorted(row, bounds))(key)
+  starts = starts.astype(jnp.int32)
+  counts_t = starts[:, 1:] - starts[:, :-1]
+  width = r if width is None else int(width)
+  if width < 1:
+    raise ValueError(f"width must be >= 1, got {width}")
+  counts_t = jnp.minimum(counts_t, width)
+  step = jnp.minimum(jnp.arange(width), jnp.maximum(counts_t - 1, 0)[..., None])
+  pos = jnp.minimum(starts[:, :-1, None] + step, r * w - 1)
+  rows_t = jnp.take_along_axis(key, pos.reshape(key.shape[0], -1), -1) % r
+  rows_t = jnp.where(counts_t[..., None] > 0,
+                     rows_t.reshape(-1, num_cols, width), 0)
+  return (counts_t.reshape(*lead, num_cols),
+          rows_t.reshape(*lead, num_cols, width).astype(jnp.int32))
+
+
+def _fit_lists(name, counts, idx, lead, rows, width):
+  """Validated (counts, idx) broadcast to `lead`, padded to `width`."""
+  counts, idx = jnp.asarray(counts), jnp.asarray(idx)
+  if counts.ndim != 3 or idx.ndim != 4 or idx.shape[:3] != counts.shape:
+    raise ValueError(f"{name} must be counts [B|1, H|1, n] and idx "
+                     f"[B|1, H|1, n, width], got {counts.shape} and "
+                     f"{idx.shape}")
+  if counts.shape[2] != rows:
+    raise ValueError(f"{name} must have {rows} rows, got {counts.shape[2]}")
+  for x in (counts, idx):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f"{name} must be integer arrays, got {x.dtype}")
+  counts = jnp.broadcast_to(counts.astype(jnp.int32), lead + (rows,))
+  idx = jnp.broadcast_to(idx.astype(jnp.int32), lead + idx.shape[2:])
+  listed = jnp.arange(idx.shape[-1]) < counts[..., None]
+  key = jnp.where(listed, idx, _NONE)
+  return _pad_rows(key, counts, max(width or 1, idx.shape[-1]))
+
+
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class BlockMask:
@@ -155,6 +254,59 @@ class BlockMask:
     return cls(fc, fi, pc, pi, fct, fit, pct, pit, block_q, block_kv, q_len,
                kv_len, mask_fn, mask_fn_exact,
                partial_fn if mask_fn is not None else None)
+
+  @classmethod
+  def from_lists(cls, full_counts, full_idx, partial_counts=None,
+                 partial_idx=None, *, block_q: int, block_kv: int,
+                 q_len: int, kv_len: int, mask_fn: Optional[MaskFn] = None,
+                 mask_fn_exact: bool = False,
+                 partial_fn: Optional[MaskFn] = None, full_t=None,
+                 partial_t=None, width: Optional[int] = None,
+                 width_t: Optional[int] = None) -> "BlockMask":
+    """A BlockMask from its per-q-block lists (traced or concrete).
+
+    For data-dependent masks whose kept blocks are known as indices (top-k,
+    gathered columns): no [nq, nk] block states and no mask_fn evaluation.
+    The lists (counts [B|1, H|1, nq], idx [..., nq, W]) must be sorted,
+    without duplicates, within [0, nk), and full and partial disjoint;
+    entries past a row's count are ignored. Partial blocks need a mask_fn
+    (the element mask kernels apply on them); `mask_fn_exact` says whether
+    it alone defines the mask, as in the constructor. The transposed lists
+    are `transpose_lists` of the lists unless given as full_t / partial_t
+    ((counts [.., nk], idx [.., nk, Wt]) pairs). width / width_t pad every
+    list to at least that width (equal shapes share a compiled kernel).
+    """
+    for name, b in (("block_q", block_q), ("block_kv", block_kv),
+                    ("q_len", q_len), ("kv_len", kv_len)):
+      if not isinstance(b, (int, np.integer)) or b < 1:
+        raise ValueError(f"{name} must be a positive int, got {b!r}")
+    nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
+    if partial_idx is None:
+      if partial_counts is not None:
+        raise ValueError("pass partial_counts and partial_idx together")
+      partial_counts = jnp.zeros((1, 1, nq), jnp.int32)
+      partial_idx = jnp.zeros((1, 1, nq, 1), jnp.int32)
+    elif mask_fn is None:
+      raise ValueError("partial lists need a mask_fn (the element mask of "
+                       "partial blocks)")
+    shapes = [jnp.shape(x) for x in (full_counts, partial_counts)]
+    if any(len(s) != 3 for s in shapes):
+      raise ValueError(f"counts must be [B|1, H|1, nq], got {shapes}")
+    lead = tuple(int(max(a, b)) for a, b in zip(shapes[0][:2],
+                                                 shapes[1][:2]))
+    fc, fi = _fit_lists("full lists", full_counts, full_idx, lead, nq, width)
+    pc, pi = _fit_lists("partial lists", partial_counts, partial_idx, lead,
+                        nq, width)
+    transposed = []
+    for name, given, (c, i) in (("full_t", full_t, (fc, fi)),
+                                ("partial_t", partial_t, (pc, pi))):
+      if given is None:
+        given = transpose_lists(c, i, nk, width_t)
+      transposed.append(_fit_lists(name, *given, lead, nk, width_t))
+    (fct, fit), (pct, pit) = transposed
+    return cls(fc, fi, pc, pi, fct, fit, pct, pit, int(block_q),
+               int(block_kv), int(q_len), int(kv_len), mask_fn,
+               mask_fn_exact, partial_fn if mask_fn is not None else None)
 
   # --- inspection ---------------------------------------------------------
 

@@ -9,7 +9,9 @@ contender): "cudnn" dense causal (`jax.nn.dot_product_attention`), "seer"
 (gate scores + selection + BlockMask + sparse attention; the gate has random
 weights: speed depends only on the kept count, which top-k fixes),
 "minference" (the vertical-slash estimate + BlockMask + attention), each also
-timed with its mask prebuilt ("attention alone"), and
+timed as its mask alone (the forward lists a prefill reads) and with its
+mask prebuilt ("attention alone"; the Seer densities share one compile:
+their lists have equal widths), and
 `block_attention_probs` (the distillation target) beside the dense forward.
 Off GPU the dense contender is the core's xla path instead of cuDNN.
 """
@@ -27,6 +29,7 @@ from flax import nnx
 
 import sparsejax as sj
 from sparsejax import benchmark
+from sparsejax.learned import block_lists
 from sparsejax.learned import gate as gate_lib
 from sparsejax.learned import minference
 
@@ -53,31 +56,31 @@ def _dense(setup: Setup) -> Callable:
 
 
 def _seer(setup: Setup, density: float):
-  """(kept blocks fn, whole prefill fn) of a random-weight gate."""
+  """The whole-prefill mask of a random-weight gate: scores, top-k lists,
+  BlockMask (`gate_mask`)."""
   gate = gate_lib.AttnGate(setup.heads, setup.kv_heads, setup.head_dim,
                            block_size=setup.block, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(gate)
 
-  def blocks(q, k):
+  def mask(q, k):
     scores = nnx.merge(graphdef, state)(q, k)
-    return gate_lib.select_blocks(scores, density=density, last_dense=2)
+    return gate_lib.gate_mask(scores, block_size=setup.block,
+                              q_len=q.shape[1], density=density,
+                              last_dense=2)
 
-  return blocks, _prefill(setup, blocks)
+  return mask
 
 
 def _minference(setup: Setup, pattern):
-  def blocks(q, k):
-    return minference.head_blocks(q, k, pattern, block_size=setup.block)
-
-  return blocks, _prefill(setup, blocks)
+  return lambda q, k: minference.minference_mask(q, k, pattern,
+                                                 block_size=setup.block)
 
 
-def _prefill(setup: Setup, blocks):
-  def total(q, k, v):
-    mask = gate_lib.gate_block_mask(blocks(q, k), block_size=setup.block,
-                                    q_len=q.shape[1])
-    return sj.attention(q, k, v, mask, impl=setup.impl)
-  return total
+def _forward_lists(mask):
+  """What a prefill reads of the mask (the transposed lists are dK/dV's:
+  a jitted forward never computes them)."""
+  return (mask.full_counts, mask.full_idx, mask.partial_counts,
+          mask.partial_idx)
 
 
 def _time(fn, args, setup):
@@ -116,20 +119,25 @@ def run(*, lengths: Sequence[int], seer_densities: Sequence[float] = (0.1,),
     except Exception as e:  # pylint: disable=broad-except
       record(dict(base, case="dense", error=_err(e)))
       continue
-    cases = [(f"seer@{d:g}", *_seer(setup, d)) for d in seer_densities]
+    cases = [(f"seer@{d:g}", _seer(setup, d)) for d in seer_densities]
     cases.append(("minference:" + minference.pattern_spec(
-        minference_pattern), *_minference(setup, minference_pattern)))
-    for name, blocks, total in cases:
+        minference_pattern), _minference(setup, minference_pattern)))
+    for name, mask_fn in cases:
       try:
         @jax.jit
-        def mask_and_density(q, k, blocks=blocks):
-          kept = blocks(q, k)
-          return (gate_lib.gate_block_mask(kept, block_size=setup.block,
-                                           q_len=q.shape[1]),
-                  gate_lib.causal_density(kept).mean())
+        def mask_and_density(q, k, mask_fn=mask_fn):
+          mask = mask_fn(q, k)
+          return mask, block_lists.causal_density(mask).mean()
+
+        def total(q, k, v, mask_fn=mask_fn):
+          return sj.attention(q, k, v, mask_fn(q, k), impl=setup.impl)
+
         mask, kept = mask_and_density(q, k)
         row = dict(base, case=name, density=float(kept),
+                   width=int(mask.full_idx.shape[-1]),
                    ms=_time(total, (q, k, v), setup),
+                   ms_mask=_time(lambda q, k, f=mask_fn: _forward_lists(
+                       f(q, k)), (q, k), setup),
                    ms_attention_only=benchmark.median_ms(
                        attention_only, (q, k, v, mask), setup.warmup,
                        setup.repeats))
@@ -163,7 +171,8 @@ def format_row(r) -> str:
   if "speedup_vs_dense" in r:
     extra = f" x{r['speedup_vs_dense']:5.2f} vs dense"
   if "ms_attention_only" in r:
-    extra += f" (attention alone {r['ms_attention_only']:.2f} ms)"
+    extra += (f" (mask {r['ms_mask']:.2f} ms, attention alone "
+              f"{r['ms_attention_only']:.2f} ms)")
   if "ratio_to_dense" in r:
     extra = f" {r['ratio_to_dense']:.2f}x the dense forward"
   dens = f"density {r['density']:.3f}" if "density" in r else ""
@@ -173,20 +182,22 @@ def format_row(r) -> str:
 def table(rows) -> str:
   """Markdown table of the rows."""
   out = ["| case | length | kept density | prefill ms | speed-up vs dense | "
-         "attention alone ms | its speed-up |", "|---|---|---|---|---|---|---|"]
+         "mask ms | attention alone ms | its speed-up |",
+         "|---|---|---|---|---|---|---|---|"]
   nan = float("nan")
   for r in rows:
     if "error" in r:
       out.append(f"| {r['case']} | {r['seq']} | failed: {r['error'][:60]} "
-                 "| | | | |")
+                 "| | | | | |")
       continue
     if "ratio_to_dense" in r:
       out.append(f"| {r['case']} | {r['seq']} | | {r['ms']:.2f} | "
-                 f"({r['ratio_to_dense']:.2f}x the dense forward) | | |")
+                 f"({r['ratio_to_dense']:.2f}x the dense forward) | | | |")
       continue
     out.append(
         f"| {r['case']} | {r['seq']} | {r.get('density', nan):.3f} "
         f"| {r['ms']:.2f} | {r.get('speedup_vs_dense', nan):.2f} | "
+        f"{r.get('ms_mask', nan):.2f} | "
         f"{r.get('ms_attention_only', nan):.2f} | "
         f"{r.get('attention_speedup_vs_dense', nan):.2f} |")
   return "\n".join(out)

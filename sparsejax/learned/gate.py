@@ -12,9 +12,11 @@ pair, block-causal with the diagonal kept.
 Selection (`select_blocks`) is a threshold on softmax(S) or a per-row top-k
 whose k comes from a causal density by the paper's rule
 k = int((1 - sqrt(1 - density)) * nb); the last `last_dense` q-block rows
-and the diagonal are always kept. `gate_block_mask` turns the selection into
-a traced `BlockMask` (no recompiles when it changes), and `gate_kl_loss` is
-the distillation loss against `block_attention_probs`.
+and the diagonal are always kept. `gate_mask` turns the selection into a
+traced `BlockMask` (no recompiles when it changes; top-k builds its lists
+from the top-k indices, `block_lists.py`), `gate_block_mask` does it for a
+kept-block array, and `gate_kl_loss` is the distillation loss against
+`block_attention_probs`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.block_sparse import mask_fns
 from sparsejax.block_sparse import masks as masks_lib
+from sparsejax.learned import block_lists
 
 _POOLS = ("avg", "max", "min")
 
@@ -164,20 +166,62 @@ def top_k_mask(scores, k: int):
   lax.top_k), and no [..., k, n] one-hot in memory.
   """
   n = scores.shape[-1]
-  k = min(k, n)
-  _, idx = jax.lax.top_k(scores, k)
-  rows = idx.reshape(-1, k)
+  _, idx = jax.lax.top_k(scores, min(k, n))
+  return index_mask(idx, n)
+
+
+def index_mask(idx, n: int):
+  """bool [..., n], True at the indices idx [..., k] (a scatter)."""
+  rows = idx.reshape(-1, idx.shape[-1])
   keep = jnp.zeros((rows.shape[0], n), jnp.bool_).at[
       jnp.arange(rows.shape[0])[:, None], rows].set(True)
-  return keep.reshape(scores.shape)
+  return keep.reshape(idx.shape[:-1] + (n,))
+
+
+def select_lists(scores, *, density: float):
+  """`select_blocks`' top-k selection as lists: (counts [B, H, nq], idx
+  [B, H, nq, k]) of each row's kept blocks below the diagonal (the
+  diagonal and the dense last rows are added by `gate_mask`). No [nq, nk]
+  pass beyond the top-k itself."""
+  nk = scores.shape[-1]
+  _, idx = jax.lax.top_k(scores, min(density_to_topk(density, nk), nk))
+  return block_lists.below_diagonal(idx, unique=True)
+
+
+def gate_mask(scores, *, block_size: int, q_len: int,
+              density: Optional[float] = None,
+              threshold: Optional[float] = None, last_dense: int = 2,
+              width: Optional[int] = None):
+  """The causal `BlockMask` of `select_blocks(scores, ...)` (traced).
+
+  Top-k (density) builds the lists from the top-k indices; a threshold
+  compresses its kept-block array once. width pads the lists (equal
+  shapes share compiled kernels).
+  """
+  if (density is None) == (threshold is None):
+    raise ValueError("pass exactly one of density= and threshold=")
+  if threshold is not None:
+    blocks = select_blocks(scores, threshold=threshold, last_dense=last_dense)
+    return block_lists.causal_mask_from_blocks(blocks, block_size=block_size,
+                                               q_len=q_len)
+  counts, idx = select_lists(scores, density=density)
+  return block_lists.causal_mask_from_lists(
+      counts, idx, block_size=block_size, q_len=q_len, dense_rows=last_dense,
+      width=width)
 
 
 def gate_block_mask(blocks, *, block_size: int, q_len: int,
                     kv_len: Optional[int] = None):
-  """A causal `BlockMask` from a kept-block pattern (traced under jit)."""
-  return masks_lib.from_block_mask(blocks, block_size=block_size, q_len=q_len,
-                                   kv_len=q_len if kv_len is None else kv_len,
-                                   mask_fn=mask_fns.Causal())
+  """A causal `BlockMask` from a kept-block pattern (traced under jit).
+
+  The diagonal blocks are always kept (as `select_blocks` keeps them);
+  self-attention only (kv_len, if given, must equal q_len).
+  """
+  if kv_len is not None and kv_len != q_len:
+    raise ValueError(f"gate masks are for self-attention: kv_len ({kv_len})"
+                     f" must equal q_len ({q_len})")
+  return block_lists.causal_mask_from_blocks(blocks, block_size=block_size,
+                                             q_len=q_len)
 
 
 def gate_kl_loss(scores, target, *, skip_frac: float = 0.25):

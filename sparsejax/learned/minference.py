@@ -2,7 +2,9 @@
 
 Three patterns (microsoft/MInference `minference_forward.py`), each a
 `Pattern` that turns (q, k) into a kept-block array [B, H, nq, nk] under
-`jit`, always causal with the diagonal kept:
+`jit` (`blocks`: the definition, and the search's view) and into the same
+blocks as per-row lists (`lists`: what `minference_mask` builds from, see
+`block_lists.py`), always causal with the diagonal kept:
 
 * `AShape(sink, local)`: the first `sink` tokens plus a local band of
   `local` tokens (StreamingLLM's "A" shape).
@@ -42,9 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.block_sparse import mask_fns
 from sparsejax.block_sparse import masks as masks_lib
-from sparsejax.learned.gate import block_causal, pool_blocks, top_k_mask
+from sparsejax.learned import block_lists
+from sparsejax.learned.gate import block_causal, index_mask, pool_blocks
+from sparsejax.learned.gate import top_k_mask
 
 
 def _blocks(tokens: int, block: int) -> int:
@@ -69,14 +72,23 @@ class AShape:
   sink: int = 128
   local: int = 1024
 
+  def _keep(self, n: int, block: int) -> np.ndarray:
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    return (j < _blocks(self.sink, block)) | (i - j < _blocks(self.local,
+                                                              block))
+
   def blocks(self, q, k, block: int):
     del k
     b, lq, h, _ = q.shape
     n = -(-lq // block)
-    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
-    keep = (j < _blocks(self.sink, block)) | (i - j < _blocks(self.local,
-                                                              block))
-    return jnp.broadcast_to(_finish(keep), (b, h, n, n))
+    return jnp.broadcast_to(_finish(jnp.asarray(self._keep(n, block))),
+                            (b, h, n, n))
+
+  def lists(self, q, k, block: int):
+    """Static: the same lists for every input."""
+    del k
+    return block_lists.static_below_diagonal(
+        self._keep(-(-q.shape[1] // block), block))
 
 
 def vertical_slash_scores(q, k, *, last_q: int = 64,
@@ -95,19 +107,24 @@ def vertical_slash_scores(q, k, *, last_q: int = 64,
   last_q = min(last_q, lq)
   scale = d ** -0.5 if scale is None else scale
   pos = lq - last_q + jnp.arange(last_q)  # query positions
-  s = jnp.einsum("bqhd,bkhd->bhqk", q[:, -last_q:].astype(jnp.float32),
-                 _repeat_kv(k, h).astype(jnp.float32)) * scale
+  b, hkv = q.shape[0], k.shape[2]
+  # GQA as a grouped einsum (head h reads kv head h // group): no repeated
+  # copy of k; f32 accumulation of the inputs' dtype.
+  qg = q[:, -last_q:].reshape(b, last_q, hkv, h // hkv, d)
+  s = jnp.einsum("bqngd,bknd->bngqk", qg, k.astype(q.dtype),
+                 preferred_element_type=jnp.float32)
+  s = s.reshape(b, h, last_q, lk) * scale
   s = jnp.where(jnp.arange(lk)[None, :] <= pos[:, None], s, -jnp.inf)
   p = jax.nn.softmax(s, axis=-1)  # [B, H, last_q, Lk]
   vertical = p.sum(2)
   # Diagonal sums by shearing: query row i (position lk - last_q + i) at
   # offset o reads key lk - last_q + i - o, i.e. its reversed row at
-  # o + last_q - 1 - i (zero past the row's start).
+  # o + last_q - 1 - i (zero past the row's start). Static slices, summed
+  # in one fusion (no [.., last_q, Lk] gather).
   rev = jnp.pad(jnp.flip(p, -1), ((0, 0), (0, 0), (0, 0), (0, last_q)))
-  shear = jax.vmap(lambda row, shift: jax.lax.dynamic_slice_in_dim(
-      row, shift, lk, axis=-1), in_axes=(2, 0), out_axes=2)(
-          rev, last_q - 1 - jnp.arange(last_q))
-  return vertical, shear.sum(2)
+  slash = sum(rev[:, :, i, last_q - 1 - i:last_q - 1 - i + lk]
+              for i in range(last_q))
+  return vertical, slash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +141,10 @@ class VerticalSlash:
   init: int = 30
   local: int = 100
 
-  def blocks(self, q, k, block: int):
-    lq, lk = q.shape[1], k.shape[1]
-    nq, nk = -(-lq // block), -(-lk // block)
+  def picks(self, q, k, block: int):
+    """(vertical kv blocks [B, H, nv], slash block offsets [B, H, ns])."""
+    lk = k.shape[1]
+    nk = -(-lk // block)
     vert, slash = vertical_slash_scores(q, k, last_q=self.last_q)
     pad = nk * block - lk
     vert = jnp.pad(vert, ((0, 0), (0, 0), (0, pad)))
@@ -139,14 +157,33 @@ class VerticalSlash:
     # Forced lines force their blocks (+inf wins every top-k).
     vforced = np.arange(nk) <= (min(self.init, lk) - 1) // block
     sforced = np.arange(nk) <= -(-(min(self.local, lk) - 1) // block)
-    vkeep = top_k_mask(jnp.where(vforced, jnp.inf, vblock),
-                      max(_blocks(self.vertical, block), int(vforced.sum())))
-    skeep = top_k_mask(jnp.where(sforced, jnp.inf, sblock),
-                      max(_blocks(self.slash, block), int(sforced.sum())))
+    nv = max(_blocks(self.vertical, block), int(vforced.sum()))
+    ns = max(_blocks(self.slash, block), int(sforced.sum()))
+    _, vidx = jax.lax.top_k(jnp.where(vforced, jnp.inf, vblock), min(nv, nk))
+    _, sidx = jax.lax.top_k(jnp.where(sforced, jnp.inf, sblock), min(ns, nk))
+    return vidx, sidx
+
+  def blocks(self, q, k, block: int):
+    nq, nk = -(-q.shape[1] // block), -(-k.shape[1] // block)
+    vidx, sidx = self.picks(q, k, block)
+    vkeep = index_mask(vidx, nk)
+    skeep = index_mask(sidx, nk)
     diag = jnp.clip(jnp.arange(nq)[:, None] - jnp.arange(nk)[None, :], 0,
                     nk - 1)  # block offset of (qb, kb)
     keep = vkeep[:, :, None, :] | skeep[:, :, diag]
     return _finish(keep)
+
+  def lists(self, q, k, block: int):
+    """Row i: the picked columns v < i and the blocks i - o of the picked
+    offsets o >= 1 (merged, sorted): width nv + ns, not nk."""
+    nq = -(-q.shape[1] // block)
+    vidx, sidx = self.picks(q, k, block)
+    b, h = vidx.shape[:2]
+    rows = jnp.arange(nq, dtype=jnp.int32)[:, None]
+    cand = jnp.concatenate([
+        jnp.broadcast_to(vidx[:, :, None, :], (b, h, nq, vidx.shape[-1])),
+        rows - sidx[:, :, None, :]], axis=-1)
+    return block_lists.below_diagonal(cand)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,14 +191,21 @@ class BlockSparse:
   """Top-k kv blocks per q block by mean-pooled q.k (MInference: 100)."""
   topk: int = 100
 
-  def blocks(self, q, k, block: int):
+  def _scores(self, q, k, block: int):
     h, d = q.shape[2], q.shape[3]
     qp = pool_blocks(q, block, ("avg",))
     kp = _repeat_kv(pool_blocks(k, block, ("avg",)), h)
     s = jnp.einsum("bihd,bjhd->bhij", qp, kp) * d ** -0.5
     nq, nk = s.shape[2:]
-    s = jnp.where(block_causal(nq, nk), s, -jnp.inf)
-    return _finish(top_k_mask(s, self.topk))
+    return jnp.where(block_causal(nq, nk), s, -jnp.inf)
+
+  def blocks(self, q, k, block: int):
+    return _finish(top_k_mask(self._scores(q, k, block), self.topk))
+
+  def lists(self, q, k, block: int):
+    s = self._scores(q, k, block)
+    _, idx = jax.lax.top_k(s, min(self.topk, s.shape[-1]))
+    return block_lists.below_diagonal(idx, unique=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +216,11 @@ class Dense:
     b, lq, h, _ = q.shape
     nq, nk = -(-lq // block), -(-k.shape[1] // block)
     return jnp.broadcast_to(block_causal(nq, nk), (b, h, nq, nk))
+
+  def lists(self, q, k, block: int):
+    del k
+    n = -(-q.shape[1] // block)
+    return block_lists.static_below_diagonal(np.ones((n, n), bool))
 
 
 Pattern = Union[AShape, VerticalSlash, BlockSparse, Dense]
@@ -204,12 +253,7 @@ def head_blocks(q, k, patterns: Union[Pattern, Sequence[Pattern]], *,
   """Kept blocks bool [B, H, nq, nk]: head h uses patterns[h] (or one
   pattern for all heads). Heads sharing a pattern are estimated together."""
   h = q.shape[2]
-  if not isinstance(patterns, (list, tuple)):
-    patterns = [patterns] * h
-  patterns = [parse_pattern(p) for p in patterns]
-  if len(patterns) != h:
-    raise ValueError(f"patterns has {len(patterns)} entries, q has {h} "
-                     f"heads")
+  patterns = _parse_heads(patterns, h)
   kr = _repeat_kv(k, h)
   parts, order = [], []
   if len(set(patterns)) == 1:  # one pattern: no per-head gathers
@@ -223,13 +267,62 @@ def head_blocks(q, k, patterns: Union[Pattern, Sequence[Pattern]], *,
   return blocks[:, np.argsort(order)]
 
 
-def minference_mask(q, k, patterns, *, block_size: int = 64):
-  """A causal `BlockMask` of the per-head patterns (traced under jit)."""
+def _parse_heads(patterns, h):
+  if not isinstance(patterns, (list, tuple)):
+    patterns = [patterns] * h
+  patterns = [parse_pattern(p) for p in patterns]
+  if len(patterns) != h:
+    raise ValueError(f"patterns has {len(patterns)} entries, q has {h} "
+                     f"heads")
+  return patterns
+
+
+def head_lists(q, k, patterns: Union[Pattern, Sequence[Pattern]], *,
+               block_size: int = 64):
+  """`head_blocks` as lists: (counts [B, H, nq], idx [B, H, nq, W]) of
+  each head's kept blocks below the diagonal (`block_lists`), built from
+  the patterns' picks without [nq, nk] arrays."""
+  b, _, h, _ = q.shape
+  patterns = _parse_heads(patterns, h)
+  full = lambda x, hh: jnp.broadcast_to(x, (b, hh) + x.shape[2:])
+  if len(set(patterns)) == 1:  # one pattern: k stays un-repeated (GQA)
+    counts, idx = patterns[0].lists(q, k, block_size)
+    return full(counts, h), full(idx, h)
+  kr = _repeat_kv(k, h)
+  parts, order = [], []
+  for pattern in dict.fromkeys(patterns):  # distinct, in first-use order
+    heads = [i for i, p in enumerate(patterns) if p == pattern]
+    sel = np.asarray(heads)
+    counts, idx = pattern.lists(q[:, :, sel], kr[:, :, sel], block_size)
+    parts.append((full(counts, len(heads)), full(idx, len(heads))))
+    order.extend(heads)
+  width = max(idx.shape[-1] for _, idx in parts)
+  # Edge padding repeats each row's last entry: its last listed block.
+  idx = jnp.concatenate([jnp.pad(i, ((0, 0),) * 3 + ((0, width -
+                                                       i.shape[-1]),),
+                                 mode="edge") for _, i in parts], axis=1)
+  counts = jnp.concatenate([c for c, _ in parts], axis=1)
+  inv = np.argsort(order)
+  return counts[:, inv], idx[:, inv]
+
+
+def minference_mask(q, k, patterns, *, block_size: int = 64,
+                    width: Optional[int] = None):
+  """A causal `BlockMask` of the per-head patterns (traced under jit).
+
+  Built from `head_lists` (`block_lists.causal_mask_from_lists`): the same
+  element mask as `from_block_mask(head_blocks(...), mask_fn=Causal())`,
+  without its per-element work. width pads the lists (equal shapes share
+  compiled kernels).
+  """
   masks_lib._check_block_size(block_size)  # pylint: disable=protected-access
-  blocks = head_blocks(q, k, patterns, block_size=block_size)
-  return masks_lib.from_block_mask(blocks, block_size=block_size,
-                                   q_len=q.shape[1], kv_len=k.shape[1],
-                                   mask_fn=mask_fns.Causal())
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"MInference masks are for self-attention prefill: "
+                     f"q_len ({q.shape[1]}) must equal kv_len "
+                     f"({k.shape[1]})")
+  counts, idx = head_lists(q, k, patterns, block_size=block_size)
+  return block_lists.causal_mask_from_lists(
+      counts, idx, block_size=block_size, q_len=q.shape[1], width=width)
 
 
 # --- offline per-head search -------------------------------------------------

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sparsejax as sj
+from sparsejax.learned import block_lists
 from sparsejax.learned import gate as gate_lib
 from sparsejax.learned import minference as minference_lib
 from sparsejax.learned import routing as routing_lib
@@ -133,10 +134,13 @@ class SeerAttention(layers.Attention):
                                   **sel)
 
   def _sparse(self, q, k, v, qr, kr, positions, segment_ids):
-    blocks = self.select(q, k, positions)
-    self.density_kept[...] = gate_lib.causal_density(blocks).mean()
-    mask = gate_lib.gate_block_mask(blocks, block_size=self.block_size,
-                                    q_len=q.shape[1])
+    # The mask straight from the top-k indices (no [nq, nk] compression).
+    sel = (dict(threshold=self.threshold) if self.threshold > 0 else
+           dict(density=self.density))
+    mask = gate_lib.gate_mask(self.gate(q, k, positions),
+                              block_size=self.block_size, q_len=q.shape[1],
+                              last_dense=self.last_dense_blocks, **sel)
+    self.density_kept[...] = block_lists.causal_density(mask).mean()
     return sj.attention(qr, kr, v, mask, impl=self.impl,
                         soft_cap=self.soft_cap, q_segment_ids=segment_ids)
 
@@ -302,12 +306,9 @@ class MInferenceAttention(layers.Attention):
     """x [B, L, d_model]; segment_ids [B, L] or None (attention stays
     inside each segment; the estimate looks across them)."""
     _, _, v, qr, kr = projections(self, x, positions)
-    blocks = minference_lib.head_blocks(qr, kr, self.patterns,
-                                        block_size=self.block_size)
-    self.density_kept[...] = gate_lib.causal_density(blocks).mean()
-    mask = sj.masks.from_block_mask(blocks, block_size=self.block_size,
-                                    q_len=x.shape[1], kv_len=x.shape[1],
-                                    mask_fn=sj.mask_fns.Causal())
+    mask = minference_lib.minference_mask(qr, kr, self.patterns,
+                                          block_size=self.block_size)
+    self.density_kept[...] = block_lists.causal_density(mask).mean()
     return output(self, sj.attention(qr, kr, v, mask, impl=self.impl,
                                       soft_cap=self.soft_cap,
                                       q_segment_ids=segment_ids))

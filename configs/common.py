@@ -66,9 +66,10 @@ def default_options(name: str, *, block_size: int) -> dict:
 def attention_config(name: str, options: dict) -> ml_collections.ConfigDict:
   """The `attention` section: variant name and options, impl, soft-cap and
   the per-layer schedule (see sparsejax.nn.attention_registry)."""
+  # interpret: run a Pallas impl in interpret mode (CPU tests).
   config = ml_collections.ConfigDict(dict(
-      name=name, impl="auto", options=options, dense_every_n=0, dense_first=0,
-      dense_last=0))
+      name=name, impl="auto", interpret=False, options=options,
+      dense_every_n=0, dense_first=0, dense_last=0))
   config.soft_cap = ml_collections.config_dict.placeholder(float)
   config.layers = ml_collections.config_dict.placeholder(str)
   return config
@@ -92,8 +93,11 @@ def add_training_defaults(config: ml_collections.ConfigDict, *, optimizer: dict,
   config.eval_batch_size = config.get_ref("batch_size") * 1
   config.checkpoint = ml_collections.ConfigDict(dict(
       every=config.get_ref("num_train_steps") // 2, keep=2, async_save=False))
-  # Sizes of the data / fsdp / tensor mesh axes; -1 takes the rest.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Sizes of the data / fsdp / tensor / context mesh axes; -1 takes the
+  # rest. context > 1 splits sequences: attention runs a K/V ring over it
+  # (sparsejax.parallel; seq_len must split into whole mask blocks).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                               context=1))
   # Peak FLOP/s of one device for the MFU estimate (None: look it up, or
   # report TFLOP/s only).
   config.peak_flops = ml_collections.config_dict.placeholder(float)

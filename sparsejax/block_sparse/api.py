@@ -9,11 +9,12 @@ import jax.numpy as jnp
 
 from sparsejax.block_sparse.implementations import REGISTRY
 from sparsejax.block_sparse import reference
-from sparsejax.block_sparse.block_mask import BlockMask, broadcast_lists, next_power_of_2
+from sparsejax.block_sparse.block_mask import BlockMask, next_power_of_2
 from sparsejax.block_sparse import masks as masks_lib
 from sparsejax.block_sparse import score_mods
 from sparsejax.block_sparse import segments as segments_lib
 from sparsejax.block_sparse.vjp import StaticConfig
+from sparsejax.parallel import block_sparse as parallel_block_sparse
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -132,15 +133,13 @@ def attention(q, k, v, mask: Optional[BlockMask] = None, *,
   qp = _pad_axis(_pad_axis(q, 1, lq_pad), 3, d_pad)
   kp = _pad_axis(_pad_axis(k, 1, lk_pad), 3, d_pad)
   vp = _pad_axis(_pad_axis(v, 1, lk_pad), 3, d_pad)
-  if segs is None:
-    lists = broadcast_lists(mask, b, h)
-  else:
-    lists = segments_lib.refine(mask, *segs, batch=b, heads=h)
   params, treedef = score_mods.flatten(score_mod)
   cfg = StaticConfig(block_q=bq, block_kv=bk, q_len=lq, kv_len=lk,
                      mask_fn=mask.kernel_mask_fn, scale=scale,
                      soft_cap=soft_cap, interpret=interpret, tuning=tuning,
                      score_mod=treedef, segments=segs is not None)
-  out, lse = implementation.load()(qp, kp, vp, lists, params, cfg)
+  # Per shard under a device mesh (sparsejax.parallel); as is without one.
+  out, lse = parallel_block_sparse.run(implementation.load(), qp, kp, vp,
+                                       mask, segs, params, cfg)
   out, lse = out[:, :lq, :, :d], lse[:, :, :lq]
   return (out, lse) if return_lse else out

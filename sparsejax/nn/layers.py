@@ -91,6 +91,7 @@ class Attention(nnx.Module):
     mask: the layer's `sj.BlockMask` (built once, outside jit) or None for
       full bidirectional attention.
     impl: `sj.attention` implementation name ("auto", "xla", ...).
+    interpret: run a Pallas impl in interpret mode (CPU).
     use_rope: rotate q and k (LMs); ViTs use learned positions instead.
   """
 
@@ -98,7 +99,7 @@ class Attention(nnx.Module):
                head_dim: int, *, mask: Optional[sj.BlockMask] = None,
                impl: str = "auto", use_rope: bool = True,
                rope_theta: float = 10000.0, soft_cap: Optional[float] = None,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               rngs: nnx.Rngs, dtype=jnp.float32, interpret: bool = False):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be divisible by "
                        f"num_kv_heads={num_kv_heads}")
@@ -112,7 +113,7 @@ class Attention(nnx.Module):
         _init((0, 1), 2)(key(), (num_heads, head_dim, d_model)))
     self.mask = AttentionMask(mask) if mask is not None else None
     self.impl, self.use_rope, self.rope_theta = impl, use_rope, rope_theta
-    self.soft_cap, self.dtype = soft_cap, dtype
+    self.soft_cap, self.dtype, self.interpret = soft_cap, dtype, interpret
     self.num_heads, self.head_dim = num_heads, head_dim
 
   def __call__(self, x, positions=None, segment_ids=None):
@@ -130,7 +131,7 @@ class Attention(nnx.Module):
       k = rope(k, positions, self.rope_theta)
     mask = self.mask.get_value() if self.mask is not None else None
     out = sj.attention(q, k, v, mask, soft_cap=self.soft_cap, impl=self.impl,
-                       q_segment_ids=segment_ids)
+                       q_segment_ids=segment_ids, interpret=self.interpret)
     return jnp.einsum("blhk,hkd->bld", out.astype(self.dtype), c(self.wo))
 
   def visible_per_query(self, seq_len: int) -> float:

@@ -75,7 +75,8 @@ def build_attention_layers(num_layers: int, attention: Mapping[str, Any], *,
       out.append(layers.Attention(
           d_model, num_heads, num_kv_heads, head_dim, mask=mask,
           impl=spec.impl, soft_cap=spec.soft_cap, use_rope=use_rope,
-          rope_theta=rope_theta, rngs=rngs, dtype=dtype))
+          rope_theta=rope_theta, rngs=rngs, dtype=dtype,
+          interpret=bool(attention.get("interpret", False))))
   return out
 
 

@@ -1,8 +1,12 @@
-"""Device mesh (data, fsdp, tensor) and shardings for params and batches.
+"""Device mesh (data, fsdp, tensor, context) and shardings for params and
+batches.
 
 Parameters are matched by name to logical axes (heads and MLP hidden on
 `tensor`, the model dim on `fsdp`); an axis that does not divide its
-dimension is dropped (replicated), so any mesh runs any model.
+dimension is dropped (replicated), so any mesh runs any model. Token
+arrays [batch, seq] split their sequence over `context`; the attention
+kernels then run per shard with a K/V ring (sparsejax.parallel), which
+needs the steps to run under `jax.set_mesh(mesh)` (see train.py).
 """
 
 import os
@@ -15,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "tensor", "context")
 BATCH_AXES = ("data", "fsdp")
 
 # Last path component -> mesh axis per dimension (first match wins).
@@ -50,7 +54,8 @@ def maybe_initialize_distributed() -> None:
 
 
 def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
-  """Mesh with axes data/fsdp/tensor sized from `cfg` (-1: the remainder)."""
+  """Mesh with axes data/fsdp/tensor/context sized from `cfg` (-1: the
+  remainder; a missing axis is 1)."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = [int(cfg.get(a, 1)) for a in AXES]
   if sizes.count(-1) > 1:
@@ -92,13 +97,20 @@ def replicated(tree: Any, mesh) -> Any:
   return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
 
 
-def batch_sharding(mesh) -> NamedSharding:
-  """Leading (batch) dim split over data x fsdp."""
+def batch_sharding(mesh, shape=None) -> NamedSharding:
+  """Leading (batch) dim split over data x fsdp; the sequence of a
+  [batch, seq] array also over context (when it divides)."""
+  n = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("context", 1)
+  if shape is not None and len(shape) == 2 and n > 1 and shape[1] % n == 0:
+    return NamedSharding(mesh, P(BATCH_AXES, "context"))
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def shard_batch(batch: dict, mesh) -> dict:
   """Host-local numpy batch -> global arrays (works on one or many hosts)."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_process_local_data(
+        batch_sharding(mesh, v.shape), v)
+  return out

@@ -62,12 +62,13 @@ class Experiment:
     self.params = params
     self.consts = jax.device_put(consts,
                                  sharding.replicated(consts, self.mesh))
-    self.train_step = jax.jit(
+    self.train_step = _MeshJit(jax.jit(
         functools.partial(train_step, self.graphdef, self.tx, self.task,
                           trainable=self.trainable),
-        donate_argnums=(0,), out_shardings=(self.state_shardings, None))
-    self.eval_step = jax.jit(
-        functools.partial(_eval_step, self.graphdef, self.task))
+        donate_argnums=(0,), out_shardings=(self.state_shardings, None)),
+                               self.mesh)
+    self.eval_step = _MeshJit(jax.jit(
+        functools.partial(_eval_step, self.graphdef, self.task)), self.mesh)
 
   def _init_state(self, params):
     return init_state(self.tx, params, self.model_state, self.trainable)
@@ -99,6 +100,27 @@ class Experiment:
                        f"{self.config.eval_batch_size}")
     return {k: float(v) for k, v in
             self.task.finalize(jax.device_get(sums)).items()}
+
+
+class _MeshJit:
+  """A jitted function traced, lowered and run with its mesh in context
+  (`jax.set_mesh`), so the attention kernels run per shard
+  (sparsejax.parallel) instead of on gathered inputs."""
+
+  def __init__(self, jitted, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+
+  def trace(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.trace(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------

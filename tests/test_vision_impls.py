@@ -63,6 +63,7 @@ class TestNeighborhoodTpuInterpret(base.NeighborhoodSuite):
 class TestRoutingXla(base.RoutingSuite):
   IMPL = "xla"
   CASES = base.ROUTING_CASES[:1]  # Triton takes the padded top-3 case
+  DENSE_CHECK = False  # top-k = all regions: the Triton class checks it
 
 
 class TestRoutingTritonInterpret(base.RoutingSuite):

@@ -3,13 +3,13 @@
 window_attention (MaxViT block and grid): a dedicated batched-window kernel
   on Triton and TPU (many windows per program, bias tile fused, its gradient
   accumulated per program); xla = per-window einsums; Mosaic GPU = the
-  block-sparse core's Hopper kernel with windows as batch (no bias until the
-  core's score mods reach it).
+  block-sparse core's Hopper kernel with windows as batch (no bias: that
+  would need a table gather in it).
 neighborhood_attention, routing_attention: token permutation + a BlockMask
   through the block-sparse core (`sj.attention`) with the same impl name;
   NA's relative bias is a score mod of the core (`natten.NeighborhoodBias`),
-  fused in the Triton kernel (TPU: no vector gather; Mosaic GPU: no score
-  mods yet, so those say why and auto falls back).
+  fused in the Triton kernel (TPU and Mosaic GPU lack its vector gather:
+  they say why and auto falls back).
 
 Problems (the `unsupported` arguments):
   window:   (dtype, head_dim, tokens_per_window, has_bias)
@@ -42,8 +42,9 @@ ROUTING = OpRegistry("routing_attention")
 _UNAVAILABLE = {"pallas_triton": core_impls.needs_cuda,
                 "pallas_mosaic_gpu": core_impls.needs_hopper,
                 "pallas_tpu": core_impls.needs_tpu}
-_NO_SCORE_MODS = ("a relative bias: the Mosaic GPU core kernel has no score "
-                  "mods yet (pallas_triton fuses the bias)")
+_NO_SCORE_MODS = ("a relative bias: this path (windows as the batch of the "
+                  "core's Mosaic GPU kernel) takes none; pallas_triton fuses "
+                  "the bias")
 
 
 def _core_unsupported(name, dtype, head_dim, block):

@@ -153,9 +153,10 @@ class NeighborhoodBias(score_mods.ScoreMod):
     return (score_mods.tree_sum(stats, 0),)
 
   def kernel_unsupported(self, impl: str) -> Optional[str]:
-    if impl == "pallas_tpu":
-      return ("the neighborhood bias needs a vector gather (table[h, "
-              "offsets]) that Mosaic TPU lacks; impl='xla' takes it")
+    if impl in ("pallas_tpu", "pallas_mosaic_gpu"):
+      return (f"the neighborhood bias needs a vector gather (table[h, "
+              f"offsets]) that the {impl} kernel lacks; pallas_triton and "
+              f"xla take it")
     if self.num_stats > MAX_KERNEL_BIAS_ENTRIES:
       return (f"the bias table has {self.num_stats} entries per head; the "
               f"kernels sum its gradient per program in registers, at most "

@@ -5,16 +5,17 @@
 # 1. GPU test classes (window kernel, NA with the fused bias and routing through
 # the core), 2. sj.vision: MaxViT-T stages (fused permutation and pre-partitioned,
 # fwd and fwd+bwd with the bias gradient, vs XLA einsum) and BiFormer stages
-# (time, compiled memory), 3. torch peers per case (timm SDPA + bias,
-# FlexAttention score_mod / NA mask, BiFormer gather), 4. NA 1-D 32K / 2-D 256^2
-# / 128^2 vs cuDNN dense (with and without the token permutation) and the cost
-# of the fused NA bias, 5. BiFormer fwd+bwd device peak memory (one fresh process
-# per stage), 6. one merged report: report/{table.md,*.png,results.json}.
+# (time, compiled memory), 3. torch peers (timm SDPA + bias, FlexAttention
+# score_mod, BiFormer gather), 4. NA 1-D 32K / 2-D 256^2 / 128^2 vs cuDNN dense
+# (with and without the token permutation) and the cost of the fused NA bias,
+# 5. BiFormer fwd+bwd device peak memory (one fresh process per stage), 6. NA
+# peers (FlexAttention, SDPA dense), 7. one merged report:
+# report/{table.md,*.png,results.json}.
 set -uo pipefail
 out=${1:?usage: run_h200.sh OUTDIR}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-deadline=$((SECONDS + ${VISION_BUDGET_S:-222}))  # override: a CPU dry run
+deadline=$((SECONDS + ${VISION_BUDGET_S:-212}))  # override: a CPU dry run
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv 2>&1 | tee "$out/gpu.txt"
 step() {  # step NAME SECONDS CMD...: timeout (capped by the deadline), log, carry on
   local name=$1 secs=$2; shift 2
@@ -30,16 +31,19 @@ step() {  # step NAME SECONDS CMD...: timeout (capped by the deadline), log, car
 # --bias_impls=xla" bash benchmarks/vision/run_h200.sh /tmp/out (later flags win)
 bench="python3 -m experiments.bench_vision"
 x=${VISION_BENCH_FLAGS:-}
-step gpu_tests 55 python3 -m pytest tests/test_vision_impls.py -k Gpu -q -x -p no:cacheprovider
+step gpu_tests 50 python3 -m pytest tests/test_vision_impls.py -k Gpu -q -p no:cacheprovider
 step bench_maxvit_routing 55 $bench --parts=maxvit,routing --out_dir="$out/maxvit_routing" $x
-step peers_maxvit_biformer 40 python3 .peer/peer_variants.py --cases maxvit,biformer \
-  --out "$out/peers_maxvit_biformer.json"
+# peer_variants.py writes its JSON at the end; the report reads the .log of a
+# step cut off by its timeout instead.
+peers="python3 .peer/peer_variants.py --cases"
+step peers_maxvit_biformer 40 $peers maxvit,biformer --out "$out/peers_maxvit_biformer.json"
 step bench_na 45 $bench --parts=na,na_bias --repeats=5 --out_dir="$out/na" $x
-step peers_na 35 python3 .peer/peer_variants.py --cases na1d,na2d --out "$out/peers_na.json"
 step bench_memory 20 $bench --parts=routing_memory --na_impls=pallas_triton --case_timeout=15 \
   --out_dir="$out/memory" $x
-deadline=$((deadline + 15))  # the report needs no GPU: seconds
-step report 15 $bench --out_dir="$out/report" \
+step peers_na1d 20 $peers na1d --out "$out/peers_na1d.json"
+step peers_na2d 35 $peers na2d --out "$out/peers_na2d.json"
+deadline=$((deadline + 25))  # the report needs no GPU: seconds (jax import)
+step report 25 $bench --out_dir="$out/report" \
   --merge="$out/maxvit_routing/results.json,$out/na/results.json,$out/memory/results.json" \
-  --peers="$out/peers_maxvit_biformer.json,$out/peers_na.json"
+  --peers="$out/peers_maxvit_biformer.json,$out/peers_na1d.json,$out/peers_na2d.json"
 echo "=== done in ${SECONDS}s: $out"

@@ -38,6 +38,14 @@ SMOKE = dict(maxvit=[(2, 14, 2, 32, 7)], na=[(1, (256,), 2, 32, 15),
              routing=[(2, 14, 32, 2, 7, 2)])
 
 
+def _na_shape(b, shape, heads, d, kern) -> str:
+  """The shape label of .peer/peer_variants.py's NA rows (rows merge)."""
+  if len(shape) == 1:
+    return f"B{b} L{shape[0]} H{heads} D{d} K{kern}"
+  return (f"B{b} {'x'.join(map(str, shape))} H{heads} D{d} "
+          f"K{'x'.join([str(kern)] * len(shape))}")
+
+
 def _inputs(shape, dtype, n=4, seed=0):
   ks = jax.random.split(jax.random.key(seed), n)
   return [jax.random.normal(k, shape, dtype) for k in ks]
@@ -124,7 +132,7 @@ def na_rows(cases, impls, warmup, repeats, log=print, dtype=jnp.bfloat16,
   rows = []
   for b, shape_, heads, d, kern in cases:
     n = len(shape_)
-    shape = f"B{b} {'x'.join(map(str, shape_))} H{heads} D{d} K{kern}"
+    shape = _na_shape(b, shape_, heads, d, kern)
     q, k, v = _inputs((b, *shape_, heads, d), dtype, 3)
     size = 1
     for s in shape_:
@@ -157,7 +165,7 @@ def na_bias_rows(cases, impls, warmup, repeats, log=print,
   rows = []
   for b, shape_, heads, d, kern in cases:
     n = len(shape_)
-    shape = f"B{b} {'x'.join(map(str, shape_))} H{heads} D{d} K{kern}"
+    shape = _na_shape(b, shape_, heads, d, kern)
     q, k, v = _inputs((b, *shape_, heads, d), dtype, 3)
     table = 0.1 * jax.random.normal(jax.random.key(9),
                                     (heads,) + (2 * kern - 1,) * n)

@@ -10,17 +10,43 @@ from sparsejax import plotting  # noqa: F401  (selects the Agg backend)
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
+def _peer_log_rows(path):
+  """Rows from peer_variants.py's printed lines (fixed-width: case 9,
+  contender 28, shape 34, mode, ms), for a run cut off before its JSON."""
+  rows = []
+  with open(path) as f:
+    for line in f:
+      parts = line[74:].split()
+      if len(line) < 80 or len(parts) < 3 or parts[2] != "ms":
+        continue
+      try:
+        ms = float(parts[1])
+      except ValueError:
+        continue
+      rows.append(dict(case=line[:9].strip(), contender=line[10:38].strip(),
+                       shape=line[39:73].strip(), bwd=parts[0] == "fwd+bwd",
+                       ms=ms))
+  return rows
+
+
 def load_peers(paths):
-  """Rows of .peer/peer_variants.py JSON files (missing ones skipped), in
-  the sj row format."""
+  """Rows of .peer/peer_variants.py runs in the sj row format: each JSON
+  file, or where it is missing (a timeout) the rows printed in the .log
+  file of the same name."""
   out = []
   for path in ([paths] if isinstance(paths, str) else paths):
-    if not path or not os.path.exists(path):
+    if not path:
       continue
-    with open(path) as f:
-      data = json.load(f)
-    out += [dict(r, contender="torch: " + r["contender"]) for r in
-            data.get("results", []) if "ms" in r or "peak_mib" in r]
+    log = os.path.splitext(path)[0] + ".log"
+    if os.path.exists(path):
+      with open(path) as f:
+        rows = json.load(f).get("results", [])
+    elif os.path.exists(log):
+      rows = _peer_log_rows(log)
+    else:
+      continue
+    out += [dict(r, contender="torch: " + r["contender"]) for r in rows
+            if "ms" in r or "peak_mib" in r]
   return out
 
 

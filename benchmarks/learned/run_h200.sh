@@ -49,7 +49,7 @@ else
   # case, gradients on one) and the learned methods on the kernels
   # impl="auto" picks (Mosaic GPU attention; one shared attention program).
   run_step gpu_tests 65 python3 -m pytest tests/test_learned_block_probs.py \
-    tests/test_learned_gpu.py -k "Gpu and not structure" -q \
+    tests/test_learned_gpu.py -k "Gpu and not structure" -v \
     -p no:cacheprovider --durations=0
   # Prefill of one layer (B 1, 32 q / 8 kv heads, d 128, bf16) vs cuDNN at
   # 32K and 128K: SeerAttention at 50% / 90% block sparsity, MInference

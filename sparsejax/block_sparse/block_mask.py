@@ -8,6 +8,9 @@ lists (per kv block: which q blocks) drive the dK/dV backward pass.
 Everything here is jnp code, so masks can be built under `jit` from traced
 data (e.g. top-k block selection). List widths are the true maximum count when
 the block states are concrete, and the number of blocks when traced.
+`BlockMask.from_lists` skips the block states: it takes the lists themselves
+(e.g. sorted top-k indices, `sorted_lists`) and sorts them into the
+transposed lists (`transpose_lists`), so no [nq, nk] array is needed.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 * SeerAttention: `AttnGate` scores (q block, kv block) pairs from pooled
   q/k; `select_blocks` (threshold or top-k by density), `gate_mask` (the
   selection's traced BlockMask, built from the top-k lists) and
-  `gate_block_mask` (one from a kept-block array); `block_attention_probs` is the
-  distillation target and `gate_kl_loss` the loss.
+  `gate_block_mask` (one from a kept-block array); `block_attention_probs`
+  is the distillation target and `gate_kl_loss` the loss.
 * Routing Transformer: `cluster_members` (k-means routing, equal-size
   clusters), `routing_attention` on the core, `kmeans_ema_update`,
   `commitment_loss`.

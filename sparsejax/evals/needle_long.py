@@ -292,7 +292,8 @@ def _evaluate(models, preset, compiler, out, max_len, path):
 
 
 def run(get_config: Callable[[str], Any], preset: Preset, out_dir: str, *,
-        start_time: Optional[float] = None) -> dict:
+        start_time: Optional[float] = None,
+        specs: Optional[list[compare.Variant]] = None) -> dict:
   """Trains both models, evaluates them, writes JSON and plots to out_dir.
 
   Args:
@@ -301,6 +302,8 @@ def run(get_config: Callable[[str], Any], preset: Preset, out_dir: str, *,
     preset: sizes, schedule and budget (see PRESETS).
     out_dir: where needle_long.json and the PNGs go.
     start_time: time.time() at process start (the budget counts start-up).
+    specs: the variants to train in lockstep (default `variants(preset)`:
+      dense and s2_hybrid).
 
   Returns:
     The JSON dict: models -> {accuracy: {length: {depth: exact match}},
@@ -316,15 +319,20 @@ def run(get_config: Callable[[str], Any], preset: Preset, out_dir: str, *,
   common = {**preset.model, "seq_len": max_len,
             "num_train_steps": preset.steps, "attention.impl": "auto",
             "progress_bar": False}
-  specs = variants(preset)
+  specs = list(specs) if specs else variants(preset)
   lengths = sorted(set(preset.train_lengths) | {max_len})
   t = time.perf_counter()
   models = [_Model(v.name, compare.make_config(get_config, v, common),
                    lengths) for v in specs]
   build_s = time.perf_counter() - t
-  same_init = all(jax.tree.leaves(jax.tree.map(
-      lambda a, b: bool(jnp.array_equal(a, b)), models[0].state["params"],
-      m.state["params"])) for m in models[1:])
+  # (Variants with other parameters, e.g. lightning layers, differ anyway.)
+  same_init = all(
+      jax.tree.structure(m.state["params"]) == jax.tree.structure(
+          models[0].state["params"]) and
+      all(jax.tree.leaves(jax.tree.map(
+          lambda a, b: bool(jnp.array_equal(a, b)),
+          models[0].state["params"], m.state["params"])))
+      for m in models[1:])
   coverage = sj.masks.s2_coverage(sj.masks.s2(
       max_len, models[0].config.model.num_heads,
       num_kv_heads=models[0].config.model.num_kv_heads, **preset.s2_options))

@@ -17,10 +17,11 @@ class TestXla(base.LinearSuite):
 
 
 class TestPallasTritonInterpret(base.LinearSuite):
-  """Three splits (state pass, XLA scan of split states, output pass)."""
+  """The split forward with three splits (state pass, XLA scan of split
+  states, output pass) and the split backward."""
   IMPL = "pallas_triton"
   INTERPRET = True
-  EXTRA = {"tuning": TuningConfig(num_splits=3)}
+  EXTRA = {"tuning": TuningConfig(forward="split", num_splits=3)}
 
 
 @pytest.mark.gpu
@@ -41,12 +42,46 @@ class TestPallasTritonGpu(base.LinearSuite):
                      chunk=None)
     base.check(self.kw, case, dtype)
 
+  @pytest.mark.parametrize("shape", [(2, 4100, 4, 128, 128),
+                                     (1, 3000, 2, 256, 64)],
+                           ids=["d128_ragged", "dk256"])
+  def test_fused_forward(self, shape):
+    """The fused forward (what batch * heads >= 32 gets by default) on
+    shapes small enough for the float64 reference, bf16."""
+    b, t, h, d, e = shape
+    case = base.Case("gpu", b, t, h, d, e, (0.0, 0.05, 1.0, 3.0)[:h],
+                     chunk=None)
+    base.check(dict(self.kw, tuning=TuningConfig(forward="fused")), case,
+               jnp.bfloat16)
 
-def test_triton_value_tiles_and_one_split():
-  """block_v < d_v: dq, dk are f32 partials over value tiles, summed."""
-  base.check({"impl": "pallas_triton", "interpret": True,
-              "tuning": TuningConfig(num_splits=1, block_v=16)},
+
+@pytest.mark.parametrize("tuning", [
+    # The fused forward over value tiles (d_v 24 -> 32: two tiles of 16),
+    # storing the states entering the backward's 3 splits.
+    TuningConfig(forward="fused", forward_block_v=16, num_splits=3),
+    # block_v < d_v in the backward: dq, dk are f32 partials over value
+    # tiles, summed (one split: no gradient pass).
+    TuningConfig(forward="split", num_splits=1, block_v=16),
+], ids=["fused_value_tiles_3_splits", "split_value_tiles_1_split"])
+def test_triton_value_tiles_and_splits(tuning):
+  base.check({"impl": "pallas_triton", "interpret": True, "tuning": tuning},
              base.CASES[0], jnp.float32)
+
+
+@pytest.mark.parametrize("pairs,forward,tile,params", [
+    # fla's B2 H16 / B1 H32: 128 programs of 32 columns, one wave.
+    (32, "fused", 32, (4, 3)),
+    (64, "fused", 64, (4, 3)),
+    # Several waves: 2 stages, so that two 4-warp programs share an SM.
+    (256, "fused", 64, (4, 2)),
+    # Too few pairs even at 32 columns: the split forward, 128 columns.
+    (8, "split", 128, (8, 3)),
+])
+def test_triton_forward_design_choice(pairs, forward, tile, params):
+  t = TuningConfig().resolved(128, 128, jnp.bfloat16, pairs, 256, 64)
+  assert (t.forward, t.forward_block_v, t.forward_params) == (
+      forward, tile, params)
+  assert t.num_splits >= 1 and t.block_v == 128
 
 
 def test_quadratic_equals_recurrence_float64():

@@ -17,15 +17,20 @@ def _lower(fn, *args):
 
 
 @pytest.mark.parametrize("dtype,b,t,h,d,e,tuning,kernels", [
-    # fla's benchmark shape at 4K: splits (state pass + output pass).
-    (jnp.bfloat16, 2, 4096, 16, 128, 128, None, (2, 5)),
+    # fla's benchmark shape at 4K: the fused forward (value tiles of 32:
+    # 128 programs), a split backward (gradient pass + dq + dk/dv).
+    (jnp.bfloat16, 2, 4096, 16, 128, 128, None, (1, 4)),
+    # The same with the split forward (state pass + output pass).
+    (jnp.bfloat16, 2, 4096, 16, 128, 128, TuningConfig(forward="split"),
+     (2, 5)),
     # Large batch * heads: one split, no state/gradient passes.
     (jnp.bfloat16, 4, 4096, 64, 128, 128, None, (1, 3)),
     # Ragged T, padded head dims (96 -> 128, 40 -> 64), f32.
     (jnp.float32, 1, 1000, 2, 96, 40, TuningConfig(num_splits=2), (2, 5)),
     # d_k 256: two value tiles of 64 (f32 partial dq, dk).
     (jnp.float16, 1, 2048, 2, 256, 128, TuningConfig(num_splits=4), (2, 5)),
-], ids=["b2h16_d128", "one_split", "ragged_f32_padded", "dk256_tiles"])
+], ids=["b2h16_d128_fused", "b2h16_d128_split", "one_split",
+        "ragged_f32_padded", "dk256_tiles"])
 def test_forward_and_backward_lower_for_cuda(dtype, b, t, h, d, e, tuning,
                                              kernels):
   q = jax.ShapeDtypeStruct((b, t, h, d), dtype)
@@ -63,6 +68,10 @@ def test_tuning_is_validated():
     TuningConfig(num_warps=3)
   with pytest.raises(ValueError, match="num_splits"):
     TuningConfig(num_splits=0)
+  with pytest.raises(ValueError, match="forward"):
+    TuningConfig(forward="two_pass")
+  with pytest.raises(ValueError, match="fill"):
+    TuningConfig(fill=0.0)
   q = jnp.zeros((1, 16, 1, 16))
   with pytest.raises(ValueError, match="TuningConfig"):
     sj.linear.lightning_attention(q, q, q, jnp.zeros(1),

@@ -85,9 +85,15 @@ def output(q, k, v, state, d_scaled, qd_scaled):
           + _dot(q, state.astype(q.dtype)) * qd_scaled)
 
 
-def state_step(state, k, v, kd, cd):
-  """The state after the chunk: cd * S + (kd * k)^T v."""
-  return state * cd + _dot((k * kd).astype(k.dtype), v, ta=True)
+def state_step(state, k, v, kd, cd, *, decay_v: bool = False):
+  """The state after the chunk: cd * S + (kd * k)^T v (cd None: S + ..., a
+  plain accumulation). decay_v: the same as k^T (kd * v) (the rounding
+  falls on v; on Hopper k^T is then read from shared memory as it is)."""
+  if decay_v:
+    add = _dot(k, (v * kd).astype(v.dtype), ta=True)
+  else:
+    add = _dot((k * kd).astype(k.dtype), v, ta=True)
+  return state + add if cd is None else state * cd + add
 
 
 def grad_q(do, k, v, state, d_scaled, qd_scaled):
@@ -118,6 +124,11 @@ def grad_kv(q, k, v, do, grad, d_scaled, kd):
           grad_v(q, k, do, grad, d_scaled, kd))
 
 
-def grad_state_step(grad, q, do, qd_scaled, cd):
-  """The gradient leaving the chunk at its start: cd * G + (qd q)^T do."""
-  return grad * cd + _dot((q * qd_scaled).astype(q.dtype), do, ta=True)
+def grad_state_step(grad, q, do, qd_scaled, cd, *, decay_do: bool = False):
+  """The gradient leaving the chunk at its start: cd * G + (qd q)^T do (cd
+  None: G + ...; decay_do: as q^T (qd do), see `state_step`)."""
+  if decay_do:
+    add = _dot(q, (do * qd_scaled).astype(do.dtype), ta=True)
+  else:
+    add = _dot((q * qd_scaled).astype(q.dtype), do, ta=True)
+  return grad + add if cd is None else grad * cd + add

@@ -4,13 +4,14 @@ A program walks chunks of C tokens of one (batch, head, value tile) with the
 f32 state [d_k, block_v] resident in registers. Two forward designs
 (sparsejax/linear/vjp.py has the split algebra):
 
-  fused   _out_kernel over the whole sequence, one program per (batch, head,
+  fused   _fused_kernel: the whole sequence, one program per (batch, head,
           value tile): q, k, v read once, o written once (the HBM floor,
           1024 B/token/head at d = e = 128 in bf16). Value tiles of 32-64
           columns give batch * heads * e / block_v programs, enough to fill
           the GPU from batch * heads = 32 (the sibling tiles share their q, k
-          reads through L2). It also stores the state entering every split
-          of the backward (`s_in`, 64 KB per split and head).
+          reads through L2; q k^T is recomputed per tile). It also stores
+          the state entering every split of the backward (`s_in`, 64 KB per
+          split and head), so the backward keeps its own split count.
   split   for too few (batch, head) pairs: _state_kernel (splits 0..NS-2:
           own state, reads k, v), XLA (the state entering each split),
           _out_kernel per split (1536 B/token/head in all).
@@ -78,8 +79,8 @@ class TuningConfig:
     tensor cores and are slow): forward tiles of <= 64 columns 3 when the
     programs fit in one wave, else 2 (at 4 warps two programs then share an
     SM: d_k 128 x 64 columns uses 253 registers and 88 KB); otherwise 3 (2
-    at d_k 256). The dk/dv kernel streams four tiles (q, k, v, do) next to
-    the state gradient: 2 stages at 128 x 128.
+    at d_k 256), the dk/dv kernel too (it streams q, k, v, do: 212 KB at
+    128 x 128 and 3 stages, which the H200 ran 7% faster than 2).
   `benchmarks/linear/triton_resources.py` reports registers, spills and
   shared memory of these defaults compiled for sm90 (Triton 3.9, on CPU).
   """
@@ -131,8 +132,7 @@ class TuningConfig:
     f32 = jnp.dtype(dtype).itemsize == 4
     bv = min(self.block_v or (128 if dp <= 128 else 64), ep)
     stages = self.num_stages or (1 if f32 else 3 if dp <= 128 else 2)
-    dkv = self.num_stages_dkv or (min(stages, 2) if dp * bv >= 128 * 128
-                                  else stages)
+    dkv = self.num_stages_dkv or stages
     programs = lambda tile: pairs * (ep // tile)
     forward, fbv = self.forward, self.forward_block_v
     if forward == "auto":

@@ -14,6 +14,7 @@ forward; plus q, k, v, do read and dq, dk, dv written backward).
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -75,6 +76,8 @@ class Case:
   bwd_too: bool = True
   check: Optional[Callable] = None
   tag: str = ""
+  series: str = ""  # "equal_work": the per-token sweep at equal B * T
+  design: str = ""  # the Triton plan (forward design, tile, splits)
   repeats: Optional[int] = None  # overrides the caller's (slow contenders)
   compiled: Dict[Any, Any] = dataclasses.field(default_factory=dict)
   error: Optional[str] = None
@@ -113,6 +116,9 @@ class Case:
                 heads=s.heads, seq=s.seq, head_dim=s.head_dim)
     if self.tag:
       base["sweep"] = self.tag
+    for key in ("series", "design"):
+      if getattr(self, key):
+        base[key] = getattr(self, key)
     if not self.compiled and self.error is None:
       self.compile()
     if self.error is not None:
@@ -162,6 +168,16 @@ def time_fn(fn, args, warmup: int, repeats: int) -> float:
   return statistics.median(times)
 
 
+def triton_design(s: Shape, dtype, tuning=None) -> str:
+  """The Triton kernels' plan for a shape: forward design, tiles, splits."""
+  from pallas_kernels.gpu import lightning_attention as gla  # pylint: disable=g-import-not-at-top
+  t = (tuning or gla.TuningConfig()).resolved(
+      s.head_dim, s.head_dim, dtype, s.batch * s.heads, -(-s.seq // 64), 64)
+  warps, stages = t.forward_params
+  return (f"{t.forward} fwd (v tile {t.forward_block_v}, {warps} warps, "
+          f"{stages} stages), {t.num_splits} bwd splits")
+
+
 def lightning_contender(impl: str, tuning=None) -> Callable:
   return lambda slopes: (lambda q, k, v: sj.linear.lightning_attention(
       q, k, v, slopes, impl=impl, tuning=tuning))
@@ -197,33 +213,62 @@ def format_row(r) -> str:
 # --- decode ---------------------------------------------------------------
 
 
-def time_decode(impl: str, batch: int, heads: int, d: int, *, steps: int,
-                repeats: int, dtype=jnp.bfloat16, log=print) -> dict:
-  """One decode step of batch x heads states, `steps` steps per jitted
-  call (a lax.fori_loop carrying the state), timed per step."""
+def decode_case(impl: str, batch: int, heads: int, d: int, *, steps: int,
+                dtype=jnp.bfloat16):
+  """(compiled fn, args): `steps` decode steps unrolled in one jitted call
+  (no while loop: its per-iteration host sync would be timed), the state
+  donated so that every step updates it in place; fn(state, q, k, v) ->
+  (state, o of every step)."""
   ks = jax.random.split(jax.random.key(0), 4)
   q, k, v = (jax.random.normal(kk, (batch, heads, d), dtype) * 0.1
              for kk in ks[:3])
   state = jax.random.normal(ks[3], (batch, heads, d, d))
   slopes = jnp.asarray(sj.linear.alibi_slopes(heads))
 
-  @jax.jit
-  def run(state):
-    def body(_, carry):
-      o, s = sj.linear.lightning_decode(q, k, v, carry[1], slopes, impl=impl)
-      return carry[0] + o.astype(jnp.float32), s
-    return jax.lax.fori_loop(0, steps, body,
-                             (jnp.zeros((batch, heads, d)), state))
+  def run(state, q, k, v):
+    outs = []
+    for _ in range(steps):
+      o, state = sj.linear.lightning_decode(q, k, v, state, slopes, impl=impl)
+      outs.append(o)
+    return state, jnp.stack(outs)
 
+  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  fn = jax.jit(run, donate_argnums=0).lower(
+      spec(state), spec(q), spec(k), spec(v)).compile()
+  return fn, (state, q, k, v)
+
+
+def time_decode(impl: str, batch: int, heads: int, d: int, *, steps: int,
+                repeats: int, dtype=jnp.bfloat16, log=print) -> dict:
+  """Per-step time of `decode_case` (median of repeats of about 20 ms of
+  back-to-back calls, the state carried from call to call)."""
   row = dict(contender=f"decode:{impl}", batch=batch, heads=heads,
              head_dim=d, steps=steps)
+  if impl == "auto":
+    row["resolved"] = sj.linear.DECODE_REGISTRY.resolve(
+        "auto", problem=(jnp.dtype(dtype), d, d)).name
   try:
-    ms = benchmark.median_ms(run, (state,), 2, repeats) / steps
+    fn, (state, q, k, v) = decode_case(impl, batch, heads, d, steps=steps,
+                                       dtype=dtype)
+    state = jax.block_until_ready(fn(state, q, k, v)[0])  # warm-up
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(fn(state, q, k, v)[0])
+    probe = time.perf_counter() - t0
+    inner = int(max(1, min(200, 0.02 / max(probe, 1e-6))))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      for _ in range(inner):
+        state, _ = fn(state, q, k, v)
+      jax.block_until_ready(state)
+      times.append((time.perf_counter() - t0) / (inner * steps))
+    sec = statistics.median(times)
     state_bytes = 2.0 * batch * heads * d * d * 4  # read + write, f32
-    row.update(us_per_step=ms * 1e3, hbm_fraction=state_bytes / (ms / 1e3) /
-               HBM_BYTES_PER_S)
-    log(f"decode {impl:14s} B{batch} H{heads} D{d}: {ms * 1e3:8.2f} us/step "
-        f"{100 * row['hbm_fraction']:5.1f}% HBM")
+    row.update(us_per_step=sec * 1e6,
+               hbm_fraction=state_bytes / sec / HBM_BYTES_PER_S)
+    log(f"decode {impl:14s} B{batch} H{heads} D{d}: {sec * 1e6:8.2f} us/step "
+        f"{100 * row['hbm_fraction']:5.1f}% HBM"
+        + (f" (auto = {row['resolved']})" if "resolved" in row else ""))
   except Exception as e:  # pylint: disable=broad-except
     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     log(f"decode {impl} B{batch} H{heads}: FAILED {row['error']}")
@@ -231,6 +276,23 @@ def time_decode(impl: str, batch: int, heads: int, d: int, *, steps: int,
 
 
 # --- peers and tables -------------------------------------------------------
+
+
+_PEER_LINE = re.compile(r"^linear\s+(.+?)\s+(B\d+ T\d+ H\d+ D\d+)\s+"
+                        r"(fwd\+bwd|fwd)\s+([0-9.]+) ms")
+
+
+def peer_rows_from_log(text: str) -> List[dict]:
+  """peer_variants.py's printed rows (its JSON is written only at the end,
+  so a run cut by its time box leaves only the log)."""
+  results = []
+  for line in text.splitlines():
+    m = _PEER_LINE.match(line.strip())
+    if m:
+      results.append(dict(case="linear", contender=m.group(1).strip(),
+                          shape=m.group(2), bwd=m.group(3) == "fwd+bwd",
+                          ms=float(m.group(4))))
+  return peer_rows(dict(results=results))
 
 
 def peer_rows(peers: dict) -> List[dict]:
@@ -244,6 +306,29 @@ def peer_rows(peers: dict) -> List[dict]:
                     batch=int(f["B"]), seq=int(f["T"]), heads=int(f["H"]),
                     head_dim=int(f["D"]), bwd=r["bwd"], ms=r["ms"]))
   return out
+
+
+# fla on our H200 in an earlier call (issue #12): used for a shape only when
+# this call's peers have no row for it, and marked so in the table.
+ISSUE_ANCHORS = [
+    ("fla chunk_simple_gla", "B2 T16384 H16 D128", False, 0.397),
+    ("fla chunk_simple_gla", "B2 T16384 H16 D128", True, 1.71),
+    ("fla chunk_simple_gla", "B2 T65536 H16 D128", False, 1.54),
+    ("fla chunk_simple_gla", "B2 T65536 H16 D128", True, 6.69),
+    ("fla fused_chunk_simple_gla", "B1 T4096 H32 D128", False, 0.211),
+    ("fla fused_chunk_simple_gla", "B1 T4096 H32 D128", True, 1.20),
+]
+
+
+def with_anchors(peers: Sequence[dict]) -> List[dict]:
+  """peers plus ISSUE_ANCHORS rows for (shape, pass) keys they lack."""
+  have = {(p["shape"], p["bwd"]) for p in peers
+          if p["contender"].startswith("fla")}
+  extra = [dict(case="linear", contender=f"{name} (earlier call)",
+                shape=shape, bwd=bwd, ms=ms)
+           for name, shape, bwd, ms in ISSUE_ANCHORS
+           if (shape, bwd) not in have]
+  return list(peers) + peer_rows(dict(results=extra))
 
 
 def best_by(rows, key) -> Dict:
@@ -262,7 +347,8 @@ def markdown_table(ours: Sequence[dict], peers: Sequence[dict],
   fla = best_by([p for p in peers if p["contender"].startswith("fla")],
                 lambda r: (r["shape"], r["bwd"]))
   mine = {(r["shape"], r["bwd"]): r for r in ours
-          if r.get("contender") == impl and "ms" in r}
+          if r.get("contender") == impl and "ms" in r
+          and not r.get("series") and not r.get("sweep")}
   lines = ["| shape | pass | sparsejax ms | % HBM | faster fla | fla ms | "
            "speed-up |", "|---|---|---|---|---|---|---|"]
   for (shape, bwd), r in sorted(mine.items(), key=lambda x: (
@@ -307,23 +393,36 @@ def plot(rows, peers, path: str):
   plt.close(fig)
 
 
-def plot_flatness(rows, path: str):
+def _flat_keys(r, fixed) -> List[str]:
+  """The per-token series a row belongs to: equal work (batch x T fixed)
+  and/or the fixed (batch, heads)."""
+  keys = []
+  if r.get("series") == "equal_work":
+    keys.append("equal work")
+  if (r["batch"], r["heads"]) == tuple(fixed):
+    keys.append(f"B{r['batch']} H{r['heads']}")
+  return [f"{r['contender']} {'fwd+bwd' if r['bwd'] else 'fwd'} ({k})"
+          for k in keys]
+
+
+def plot_flatness(rows, path: str, fixed=(2, 16)):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = plt.subplots(figsize=(7.5, 4.5))
   series = {}
   for r in rows:
     if "ms" in r:
-      key = f"{r['contender']} {'fwd+bwd' if r['bwd'] else 'fwd'}"
-      series.setdefault(key, []).append((r["seq"], r["ms_per_mtoken"]))
+      for key in _flat_keys(r, fixed):
+        series.setdefault(key, []).append((r["seq"], r["ms_per_mtoken"]))
   for name, pts in sorted(series.items()):
     pts.sort()
-    ax.plot(*zip(*pts), "-o", label=name, markersize=3)
+    ax.plot(*zip(*pts), "-o" if "equal work" in name else "--o", label=name,
+            markersize=3)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("sequence length")
   ax.set_ylabel("ms per million tokens")
-  ax.set_title("time per token vs length (flat = linear scaling)")
+  ax.set_title("time per token vs length (equal work: batch x T fixed)")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -331,18 +430,19 @@ def plot_flatness(rows, path: str):
   plt.close(fig)
 
 
-def flatness(rows) -> Dict[str, float]:
-  """max / min of ms per token over the lengths, per (contender, pass)."""
+def flatness(rows, fixed=(2, 16)) -> Dict[str, float]:
+  """max / min of ms per token over the lengths, per (contender, pass,
+  series: equal work, or the fixed batch x heads)."""
   out = {}
   for r in rows:
     if "ms" in r:
-      key = f"{r['contender']} {'fwd+bwd' if r['bwd'] else 'fwd'}"
-      out.setdefault(key, []).append(r["ms_per_mtoken"])
+      for key in _flat_keys(r, fixed):
+        out.setdefault(key, []).append(r["ms_per_mtoken"])
   return {k: max(v) / min(v) for k, v in out.items() if len(v) > 1}
 
 
-def report(table: str, rows, ratio, skipped, flat_shape) -> str:
-  """table.md: the fla table, cuDNN, flatness, decode, the split sweep."""
+def report(table: str, rows, ratio, skipped) -> str:
+  """table.md: the fla table, cuDNN, flatness, decode, the tuning sweep."""
   lines = [table, ""]
   cudnn = {(r["shape"], r["bwd"]): r for r in rows
            if r.get("contender") == "cudnn dense causal" and "ms" in r}
@@ -359,21 +459,33 @@ def report(table: str, rows, ratio, skipped, flat_shape) -> str:
                                           f"{c['ms'] / o['ms']:.1f}x |"
                                           if o else " | |"))
     lines.append("")
-  lines.append(f"Time per token, max/min over lengths (B{flat_shape[0]} "
-               f"H{flat_shape[1]}): " + ", ".join(
-                   f"{k}: {v:.3f}" for k, v in ratio.items()))
+  lines.append("Time per token, max/min over 2K-128K (target 1.1 at equal "
+               "work): " + ", ".join(f"{k}: {v:.3f}"
+                                     for k, v in sorted(ratio.items())))
+  designs = sorted({(r["shape"], r["design"]) for r in rows
+                    if r.get("design") and "sweep" not in r})
+  if designs:
+    lines += ["", "Triton plans (default tuning): " + "; ".join(
+        f"{shape}: {d}" for shape, d in designs)]
   lines += ["", "Decode (one step, f32 state read + written):"]
   for r in rows:
     if "us_per_step" in r:
       lines.append(f"- {r['contender']} B{r['batch']} H{r['heads']} "
                    f"D{r['head_dim']}: {r['us_per_step']:.2f} us/step, "
-                   f"{100 * r['hbm_fraction']:.0f}% of HBM bandwidth")
+                   f"{100 * r['hbm_fraction']:.0f}% of HBM bandwidth"
+                   + (f" (auto = {r['resolved']})" if r.get("resolved")
+                      else ""))
   sweep = [r for r in rows if r.get("sweep") and "ms" in r]
   if sweep:
-    lines += ["", "Triton tuning sweep (B2 T16384 H16; the default is the "
-              "table's row): " + ", ".join(
-                  f"{r['sweep']} {'fwd+bwd' if r['bwd'] else 'fwd'} "
-                  f"{r['ms']:.3f} ms" for r in sweep)]
+    lines += ["", "Triton tuning sweep (ms; x: speed-up over the default "
+              "at the same shape and pass):", "",
+              "| shape | setting | pass | ms | x |", "|---|---|---|---|---|"]
+    for r in sorted(sweep, key=lambda r: (r["shape"], r["sweep"],
+                                          r["bwd"])):
+      d = ours.get((r["shape"], r["bwd"]))
+      lines.append(f"| {r['shape']} | {r['sweep']} | "
+                   f"{'fwd+bwd' if r['bwd'] else 'fwd'} | {r['ms']:.3f} | "
+                   + (f"{d['ms'] / r['ms']:.2f} |" if d else " |"))
   errors = [r for r in rows if "error" in r]
   if errors:
     lines += ["", "Failures:"] + [

@@ -30,6 +30,7 @@ def _qkv(b=1, lq=64, lk=64, h=2, hkv=2, d=16, seed=0):
           jax.random.normal(ks[2], (b, lk, hkv, d)))
 
 
+@pytest.mark.parametrize("vectors", [False, True], ids=["tiles", "vectors"])
 @pytest.mark.parametrize("window,q0,kv0", [
     (5, 32, 0),     # tile entirely left of the band: one end bucket
     (5, 0, 32),     # entirely right of it: the other end
@@ -37,12 +38,15 @@ def _qkv(b=1, lq=64, lk=64, h=2, hkv=2, d=16, seed=0):
     (40, 16, 0),    # window wider than the tile: every offset inside
 ])
 def test_relative_bias_tile_stats_equal_the_autodiff_gradient(window, q0,
-                                                              kv0):
+                                                              kv0, vectors):
+  """Index tiles (xla, TPU) and index vectors [16, 1] / [1, 16] (Triton)."""
   table = jax.random.normal(jax.random.key(0), (3, 2 * window - 1))
   mod = sj.score_mods.RelativeBias(table)
   g = jax.random.normal(jax.random.key(1), (16, 16))
   b, h, q_idx, kv_idx = sj.block_sparse.block_math.coords(0, 2, q0, kv0, 16,
                                                           16)
+  if vectors:
+    q_idx, kv_idx = sj.score_mods.tile_coords(q0, kv0, 16, 16)
   width = 1 << (2 * window - 2).bit_length()
   stats = jax.jit(mod.tile_stats, static_argnums=6)(g, None, b, h, q_idx,
                                                     kv_idx, width)
@@ -52,6 +56,48 @@ def test_relative_bias_tile_stats_equal_the_autodiff_gradient(window, q0,
   np.testing.assert_allclose(np.asarray(stats[:2 * window - 1]),
                              np.asarray(want), rtol=1e-5, atol=1e-5)
   assert not np.asarray(stats[2 * window - 1:]).any()
+
+
+# One compile per mod class and row_offset form across the cases below.
+_tile_bias = jax.jit(lambda mod, f, b, h, q0, kv0, row: mod.tile_bias(
+    f, b, h, q0, kv0, 8, 16, row))
+_tile_weights = jax.jit(lambda mod, b, h, q0, kv0: mod.tile_weights(
+    None, b, h, q0, kv0, 8, 16))
+
+
+@pytest.mark.parametrize("q0,kv0", [
+    (48, 0),    # q >= kv on the whole tile (rank-one form)
+    (0, 48),    # q <= kv throughout (rank-one form, other sign)
+    (16, 16),   # the diagonal: |.| per element
+    (23, 8),    # crossing off the block grid
+    (24, 9),    # q - kv >= 0 just barely (off = bk - 1)
+])
+@pytest.mark.parametrize("row_offset", [False, True])
+def test_tile_forms_equal_the_mod(q0, kv0, row_offset):
+  """tile_bias = factor * (mod(s) - s) (+ row_offset) and tile_weights =
+  stat weights, for Alibi (its rank-one / |.| split, any slope sign) and
+  RelativeBias (the default route through index vectors)."""
+  bq, bk, factor = 8, 16, 1.4426950408889634
+  q_idx = q0 + np.arange(bq)[:, None]
+  kv_idx = kv0 + np.arange(bk)[None, :]
+  row = (jax.random.normal(jax.random.key(2), (bq, 1)) if row_offset else
+         None)
+  add = np.asarray(row) if row_offset else 0.0
+  slopes = jnp.asarray([0.25, -0.5, 0.0])
+  table = jax.random.normal(jax.random.key(3), (3, 2 * 5 - 1))
+  dist = np.abs(q_idx - kv_idx).astype(np.float32)
+  offsets = np.clip(kv_idx - q_idx, -4, 4) + 4
+  for h in range(3):
+    for mod, bias in ((sj.score_mods.Alibi(slopes), -slopes[h] * dist),
+                      (sj.score_mods.RelativeBias(table),
+                       np.asarray(table)[h][offsets])):
+      got = _tile_bias(mod, factor, 0, h, q0, kv0, row)
+      np.testing.assert_allclose(
+          np.broadcast_to(np.asarray(got), (bq, bk)),
+          factor * np.asarray(bias) + add, rtol=1e-6, atol=1e-5,
+          err_msg=type(mod).__name__)
+  w = _tile_weights(sj.score_mods.Alibi(slopes), 0, 1, q0, kv0)
+  np.testing.assert_array_equal(np.asarray(w[0]), -dist)
 
 
 def test_tree_sum_is_a_fixed_order_sum():

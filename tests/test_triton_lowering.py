@@ -90,3 +90,21 @@ def test_score_mods_and_segments_lower_for_cuda(mod):
 
   grads = jax.grad(loss, argnums=(0, 1, 2, 3))
   assert _lower(grads, q, kv, kv, param, ids).count("xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("mod,stages", [("relative_bias", 2), ("alibi", 3),
+                                        (None, 3)])
+def test_gathering_mods_get_a_forward_stage_less(mod, stages):
+  """A table gather's layout conversion takes the shared memory of one
+  pipeline stage at head_dim 128 (256 KB asked on the H200 with 3)."""
+  heads = 4
+  mask = sj.masks.causal(512, block_size=128)
+  make = {"alibi": (sj.score_mods.Alibi, (heads,)),
+          "relative_bias": (sj.score_mods.RelativeBias, (heads, 255)),
+          None: (None, (heads,))}[mod]
+  q = jax.ShapeDtypeStruct((1, 512, heads, 128), jnp.bfloat16)
+  param = jax.ShapeDtypeStruct(make[1], jnp.float32)
+  fwd = lambda q, p: sj.attention(q, q, q, mask, impl="pallas_triton",
+                                  score_mod=make[0](p) if make[0] else None)
+  text = _lower(fwd, q, param)
+  assert f'name = "sparsejax_block_sparse_fwd", num_stages = {stages}' in text

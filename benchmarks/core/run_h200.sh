@@ -3,12 +3,24 @@
 # kernel with the new cases, score-mod overhead (sparsejax vs FlexAttention)
 # and packed-document training tokens/s. Wall budget: 4 minutes.
 #   bash benchmarks/core/run_h200.sh OUTDIR           # on the H200, repo root
+#   bash benchmarks/core/run_h200.sh OUTDIR --quick   # H200, <= 45 s: only the
+#       Triton score-mod overhead (none / Alibi / RelativeBias W128 at S2 32K
+#       and dense causal 16K; 1 warm-up, median of 5), core.json + results.md
 #   bash benchmarks/core/run_h200.sh OUTDIR --smoke   # CPU: xla, tiny sizes
 set -uo pipefail
 out=$1; smoke=${2:-}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 start=$SECONDS
+if [ "$smoke" = --quick ]; then
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$out/gpu.txt"
+  timeout 40 python3 benchmarks/core/bench_core.py --out "$out/core.json" \
+    --impls=pallas_triton --parts=attention --warmup=1 --repeats=5 2>&1 \
+    | grep -v Warn | tee "$out/bench_core.log" | tail -8 || echo "bench_core FAILED"
+  timeout 10 python3 benchmarks/core/report.py "$out" || echo "report FAILED"
+  echo "run_h200.sh --quick (core) done in $((SECONDS - start)) s"
+  exit 0
+fi
 if [ "$smoke" = --smoke ]; then
   tests="TestXla and mods_and_segments and alibi"; bench="--smoke --impls=xla"
   t_bench=900  # a slow CPU compiles for minutes

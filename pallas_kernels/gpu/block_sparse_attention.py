@@ -7,6 +7,15 @@ the kernel (the GPU backends have no scalar prefetch) and trip counts come
 from the counts. Full blocks skip all element-mask work. GQA: dK/dV are
 computed per q head and summed per kv head outside the kernel.
 
+Score mods see index vectors (q_idx [bq, 1], kv_idx [1, bk]); additive
+ScoreMods give their bias through `tile_bias` (score_mods), already scaled
+into the base-2 logits and, in the backward, with -lse folded into their
+per-row term (Alibi: one multiply-add per element on tiles off the
+diagonal). Parameter statistics: dQ programs accumulate g * w per element
+for mods with `stat_weights` (one reduction per program), else sum each
+tile's `tile_stats`. Mods that gather from a table get one forward pipeline
+stage less (the gather's layout conversion needs that shared memory).
+
 `attention` (bottom) is the custom_vjp entry used by sparsejax.attention;
 `sparsejax.reference.attention_reference` is the definition it must match.
 """
@@ -42,7 +51,8 @@ class TuningConfig:
   # Defaults from a sweep on the H200 (S2 32K, head_dim 128; see
   # benchmarks/attention/NOTES.md). None: derived from head_dim.
   num_warps_fwd: Optional[int] = None  # 4 for head_dim <= 64, else 8
-  num_stages_fwd: Optional[int] = None  # 3, or 1 at head_dim 256 (SMEM)
+  num_stages_fwd: Optional[int] = None  # 3 (2 with a gathering mod), 1 at
+  #                                       head_dim 256 (shared memory)
   num_warps_bwd: Optional[int] = None
   num_stages_bwd: int = 2
   sub_kv_fwd: Optional[int] = None
@@ -68,10 +78,12 @@ class TuningConfig:
         raise ValueError(f"{name} must be in [1, 8], got "
                          f"{getattr(self, name)}")
 
-  def stages_fwd(self, head_dim: int) -> int:
+  def stages_fwd(self, head_dim: int, gathers: bool = False) -> int:
+    """gathers: the score mod looks up a table per element (its layout
+    conversion needs the shared memory of one stage)."""
     if self.num_stages_fwd is not None:
       return self.num_stages_fwd
-    return 3 if head_dim <= 128 else 1
+    return (2 if gathers else 3) if head_dim <= 128 else 1
 
   def warps(self, which: str, head_dim: int) -> int:
     w = getattr(self, f"num_warps_{which}")
@@ -160,14 +172,82 @@ def _mod(cfg, refs):
 
 def _tile(cfg, mod, refs, b, h, q_start, kv_start, bq, bk, use_fn, use_ids,
           q_seg=None, kv_seg=None):
-  """(element mask or None, mod coordinates or None) of one tile."""
+  """(element mask or None, mod coordinates or None) of one tile.
+
+  A mod sees index vectors (q_idx [bq, 1], kv_idx [1, bk]), so it converts
+  and scales per row and column, not per element.
+  """
   ids = (q_seg, kv_seg) if use_ids else None
   vis = block_math.element_mask(cfg.mask_fn if use_fn else None, b, h,
                                 q_start, kv_start, bq, bk, cfg.kv_len,
                                 cfg.kv_len % cfg.block_kv != 0, ids)
   at = (None if mod is None else
-        block_math.coords(b, h, q_start, kv_start, bq, bk))
+        (b, h, *score_mods.tile_coords(q_start, kv_start, bq, bk)))
   return vis, at
+
+
+def _bias(cfg, mod, b, h, q_start, kv_start, bq, bk, lse=None):
+  """(bias, whether it holds -lse): an additive ScoreMod's bias in the
+  scaled (base-2) logits from the tile's corner (`tile_bias`, see
+  score_mods), or (None, False). The backward passes the rows' lse: without
+  soft-cap the mod adds -lse to its per-row term, which saves the backward
+  one subtraction per element. Called after the q.k product so the bias
+  tile is not live across the MMA."""
+  if not (getattr(mod, "additive", False) and hasattr(mod, "tile_bias")):
+    return None, False
+  row = (None if lse is None or cfg.soft_cap is not None else
+         block_math.neg_lse2(lse))
+  return mod.tile_bias(block_math.bias_factor(cfg.soft_cap), b, h, q_start,
+                       kv_start, bq, bk, row), row is not None
+
+
+# Each weighted statistic holds a [block_q, sub_kv_dq] f32 tile in registers.
+_MAX_WEIGHTED_STATS = 2
+
+
+def _tile_weights(mod):
+  """The mod's `tile_weights` where it defines `stat_weights` (ScoreMod
+  protocol) for few statistics, or None: the dQ kernel then accumulates
+  g * w per element instead of reducing every tile."""
+  own = getattr(type(mod), "stat_weights", None)
+  if (own is None or own is getattr(score_mods.ScoreMod, "stat_weights", None)
+      or not hasattr(mod, "tile_weights")):
+    return None
+  if not 0 < mod.num_stats <= _MAX_WEIGHTED_STATS:
+    return None
+  return mod.tile_weights
+
+
+def _gathers(cfg, params) -> bool:
+  """Whether the mod looks up a table with a tile of indices (a gather).
+
+  The gathered [bq, bk] tile is loaded in a blocked layout and converted to
+  the MMA layout through shared memory, which the 3-stage forward pipeline
+  at head_dim 128 has no room for (measured: 256 KB asked, 227 KB there).
+  """
+  if cfg.score_mod is None:
+    return False
+  bq, bk = 16, 16
+
+  def bias(*p):
+    mod = score_mods.rebuild(cfg.score_mod, p)
+    return mod(jnp.zeros((bq, bk), jnp.float32), 0, 0,
+               *score_mods.tile_coords(0, 0, bq, bk))
+
+  specs = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
+  return _has_gather(jax.make_jaxpr(bias)(*specs).jaxpr)
+
+
+def _has_gather(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if "gather" in eqn.primitive.name:
+      return True
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns") and _has_gather(inner):
+          return True
+  return False
 
 
 # --- forward ----------------------------------------------------------------
@@ -189,8 +269,9 @@ def _fwd_kernel(*refs, names, cfg, nq, sk):
       kv_seg = r["kv_seg"][pl.ds(start, sk)] if use_ids else None
       vis, at = _tile(cfg, mod, r, b, h, i * bq, start, bq, sk, use_fn,
                       use_ids, q_seg, kv_seg)
-      s = block_math.scores(q, r["k"][pl.ds(start, sk), :], cfg.scale,
-                            cfg.soft_cap, mod, at)
+      s_raw = block_math.raw_scores(q, r["k"][pl.ds(start, sk), :])
+      bias, _ = _bias(cfg, mod, b, h, i * bq, start, bq, sk)
+      s = block_math.logits(s_raw, cfg.scale, cfg.soft_cap, mod, at, bias)[0]
       return block_math.online_softmax_step(s, r["v"][pl.ds(start, sk), :],
                                             *c, vis)
 
@@ -245,7 +326,8 @@ def forward(q, k, v, lists, params, cfg):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
       compiler_params=pltriton.CompilerParams(
-          num_warps=tuning.warps("fwd", d), num_stages=tuning.stages_fwd(d)),
+          num_warps=tuning.warps("fwd", d),
+          num_stages=tuning.stages_fwd(d, _gathers(cfg, params))),
       interpret=cfg.interpret,
       name="sparsejax_block_sparse_fwd",
   )(*[lists[n] for n in lnames], q, k, v, *seg_args, *params)
@@ -262,9 +344,15 @@ def _dq_kernel(*refs, names, cfg, nq, sk, width):
   q, do = r["q"][...], r["do"][...]
   lse, delta = r["lse"][...], r["delta"][...]
   q_seg = r["q_seg"][...] if cfg.segments else None
-  # The statistics carry exists only with a mod (no zero-size arrays).
-  carry = (jnp.zeros(q.shape, jnp.float32),) + (
-      (jnp.zeros((width,), jnp.float32),) if width else ())
+  # The statistics carry exists only with a mod (no zero-size arrays): one
+  # [bq, sk] tile per weighted statistic (g * w accumulated per element,
+  # reduced once at the end), else the [width] vector of tile_stats.
+  weights = _tile_weights(mod) if width else None
+  stats0 = (() if not width else
+            (jnp.zeros((width,), jnp.float32),) if weights is None else
+            tuple(jnp.zeros((bq, sk), jnp.float32)
+                  for _ in range(mod.num_stats)))
+  carry = (jnp.zeros(q.shape, jnp.float32),) + stats0
   prec = block_math.dot_precision(q.dtype)
   for name, use_fn, use_ids in walked_lists(cfg):
 
@@ -274,18 +362,25 @@ def _dq_kernel(*refs, names, cfg, nq, sk, width):
       vis, at = _tile(cfg, mod, r, b, h, i * bq, start, bq, sk, use_fn,
                       use_ids, q_seg, kv_seg)
       s_raw = block_math.raw_scores(q, k)
+      bias, has_lse = _bias(cfg, mod, b, h, i * bq, start, bq, sk, lse)
       _, g, ds = block_math.grads_from_raw(
           s_raw, r["v"][pl.ds(start, sk), :], do, lse, delta, cfg.scale,
-          cfg.soft_cap, vis, mod, at)
+          cfg.soft_cap, vis, mod, at, bias, has_lse)
       dq = c[0] + jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
                               preferred_element_type=jnp.float32)
       if not width:
         return (dq,)
+      if weights is not None:
+        ws = weights(s_raw * cfg.scale, b, h, i * bq, start, bq, sk)
+        return (dq,) + tuple(a + g * w for a, w in zip(c[1:], ws))
       return dq, c[1] + mod.tile_stats(g, s_raw * cfg.scale, *at, width)
 
     carry = _walk(r[f"{name}_counts"], r[f"{name}_idx"], bk, sk, body, carry)
   r["dq"][...] = carry[0].astype(r["dq"].dtype)
-  if width:
+  if weights is not None:
+    r["stats"][...] = sum(score_mods.bucket(width, j, jnp.sum(a))
+                          for j, a in enumerate(carry[1:]))
+  elif width:
     r["stats"][...] = carry[1]
 
 
@@ -309,9 +404,12 @@ def _dkv_kernel(*refs, names, cfg, sq):
       q_seg = r["q_seg"][pl.ds(qs, sq)] if use_ids else None
       vis, at = _tile(cfg, mod, r, b, h, qs, j * bk, sq, bk, use_fn, use_ids,
                       q_seg, kv_seg)
-      p, _, ds = block_math.probs_and_grads(
-          q, k, v, do, r["lse"][pl.ds(qs, sq)], r["delta"][pl.ds(qs, sq)],
-          cfg.scale, cfg.soft_cap, vis, mod, at)
+      lse, delta = r["lse"][pl.ds(qs, sq)], r["delta"][pl.ds(qs, sq)]
+      s_raw = block_math.raw_scores(q, k)
+      bias, has_lse = _bias(cfg, mod, b, h, qs, j * bk, sq, bk, lse)
+      p, _, ds = block_math.grads_from_raw(s_raw, v, do, lse, delta, cfg.scale,
+                                           cfg.soft_cap, vis, mod, at, bias,
+                                           has_lse)
       dk = c[0] + jax.lax.dot_general(
           ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), precision=prec,
           preferred_element_type=jnp.float32)

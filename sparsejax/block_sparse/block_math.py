@@ -41,13 +41,29 @@ def coords(b, h, q_start, kv_start, bq, bk):
   return b, h, q_idx, kv_idx
 
 
-def logits(s_raw, scale, soft_cap, mod=None, at=None):
+def bias_factor(soft_cap):
+  """What an additive mod's bias is multiplied by to join the scaled logits
+  (`logits(..., bias=)`): log2(e), or 1/soft_cap inside the tanh."""
+  return LOG2E if soft_cap is None else 1.0 / soft_cap
+
+
+def logits(s_raw, scale, soft_cap, mod=None, at=None, bias=None):
   """Raw q.k -> (base-2 logits, tanh or None, d mod/d score or None).
 
   Order: s = s_raw * scale -> mod(s, *at) -> soft-cap -> * log2(e). Without
   a mod this is `log2_logits`. d mod/d score is None for additive mods (it
   is 1), else it comes from jax.jvp (score mods are elementwise).
+  bias: instead of mod and at, an additive mod's bias times
+  bias_factor(soft_cap), computed by the caller (the Triton kernels:
+  ScoreMod.tile_bias, which folds the factor into the mod's scalars); equal
+  up to rounding, one multiply per element fewer.
   """
+  if bias is not None:
+    bias = jnp.asarray(bias, jnp.float32)
+    if soft_cap is None:
+      return s_raw * (scale * LOG2E) + bias, None, None
+    t = jnp.tanh(s_raw * (scale / soft_cap) + bias)
+    return t * (soft_cap * LOG2E), t, None
   if mod is None:
     s, t = log2_logits(s_raw, scale, soft_cap)
     return s, t, None
@@ -63,9 +79,9 @@ def logits(s_raw, scale, soft_cap, mod=None, at=None):
   return t * (soft_cap * LOG2E), t, dmod
 
 
-def scores(q, k, scale, soft_cap, mod=None, at=None):
+def scores(q, k, scale, soft_cap, mod=None, at=None, bias=None):
   """Logits [bq, bk] in f32, base 2 (after scale, mod and soft-cap)."""
-  return logits(raw_scores(q, k), scale, soft_cap, mod, at)[0]
+  return logits(raw_scores(q, k), scale, soft_cap, mod, at, bias)[0]
 
 
 def element_mask(mask_fn, b, h, q_start, kv_start, bq, bk, kv_len,
@@ -119,17 +135,27 @@ def finalize(m, l, acc, out_dtype):
   return out.astype(out_dtype), lse
 
 
+def neg_lse2(lse):
+  """-lse in base 2, -inf (p = 0) for rows that see nothing; [bq, 1]."""
+  return jnp.where(lse == -jnp.inf, -jnp.inf, lse * -LOG2E)[:, None]
+
+
 def grads_from_raw(s_raw, v, do, lse, delta, scale, soft_cap, visible,
-                   mod=None, at=None):
+                   mod=None, at=None, bias=None, bias_has_lse=False):
   """(p, g, ds) of one block pair from its raw scores q.k: recomputed
   probabilities, g = dL/d(mod output) (the score-mod parameter gradient's
   input; 0 where not visible) and ds = dL/d(raw q.k).
 
   Rows with lse = -inf (nothing visible) get p = 0 and so zero gradients.
+  bias_has_lse: `bias` (soft_cap None) already holds neg_lse2(lse) (a mod's
+  tile_bias folds it into its per-row term), so p = exp2(logits).
   """
-  s, t, dmod = logits(s_raw, scale, soft_cap, mod, at)
-  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
-  p = jnp.exp2(s - lse2[:, None])
+  s, t, dmod = logits(s_raw, scale, soft_cap, mod, at, bias)
+  if bias_has_lse:
+    p = jnp.exp2(s)
+  else:
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+    p = jnp.exp2(s - lse2[:, None])
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
@@ -150,11 +176,11 @@ def raw_scores(q, k):
 
 
 def probs_and_grads(q, k, v, do, lse, delta, scale, soft_cap, visible,
-                    mod=None, at=None):
+                    mod=None, at=None, bias=None):
   """`grads_from_raw` after the q.k product."""
   s_raw = raw_scores(q, k)
   return grads_from_raw(s_raw, v, do, lse, delta, scale, soft_cap, visible,
-                        mod, at)
+                        mod, at, bias)
 
 
 def probs_and_dscores(q, k, v, do, lse, delta, scale, soft_cap, visible,

@@ -24,6 +24,29 @@ Gradients to the parameters:
     array leaf in flatten order. Each dQ program sums its tiles' stats in
     registers and writes one row; XLA adds the rows in a fixed order. A mod
     without parameters needs neither.
+  * The Mosaic GPU kernel cannot reduce a tile into a [width] vector; it
+    sums statistics per query row instead, for mods whose statistics are
+    weighted sums of g: `stat_weights(score, b, h, q_idx, kv_idx) -> tuple
+    of num_stats arrays w_j` with tile_stats(g, ...)[j] == sum(g * w_j)
+    (Alibi: w = -|q_idx - kv_idx|). The per-row sums, [B, H, num_stats,
+    Lq], are added over rows in a fixed order and go to `stats_to_grads`.
+    The Triton dQ kernel uses them too where a mod has them (one
+    multiply-add per element and statistic into a register tile, reduced
+    once per program, instead of reducing every tile), through
+    `tile_weights` (below).
+
+Tile forms for kernels (optional; the Triton kernels call them with the
+tile's corner q_start, kv_start (int32 scalars) and its static size bq, bk,
+so a mod can split its work into per-row, per-column and per-element parts
+and fold constants; the defaults evaluate the mod on index vectors
+q_idx [bq, 1], kv_idx [1, bk]):
+  * `tile_bias(factor, b, h, q_start, kv_start, bq, bk, row_offset=None)`:
+    additive mods, factor * (mod(s) - s) (+ row_offset [bq, 1] f32: the
+    backward passes -lse there), f32 broadcasting to [bq, bk]; factor
+    (log2(e) for the base-2 logits) and row_offset can join the mod's
+    per-head and per-row terms.
+  * `tile_weights(score, b, h, q_start, kv_start, bq, bk)`: the
+    `stat_weights` of the tile.
 
 Example (a user-written mod):
 
@@ -39,6 +62,7 @@ Example (a user-written mod):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Tuple
 
 import jax
@@ -110,6 +134,24 @@ class ScoreMod:
   def stats_to_grads(self, stats) -> Tuple[Any, ...]:
     raise NotImplementedError
 
+  def stat_weights(self, score, b, h, q_idx, kv_idx) -> Tuple[Any, ...]:
+    """Optional: weights w_j (broadcasting against score) with
+    tile_stats(g, ...)[j] == sum(g * w_j), j < num_stats (per-row
+    statistics; see the module docstring)."""
+    raise NotImplementedError
+
+  def tile_bias(self, factor, b, h, q_start, kv_start, bq: int, bk: int,
+                row_offset=None):
+    """Additive mods: factor * (mod(s) - s) on a tile (module docstring)."""
+    bias = factor * self(jnp.float32(0.0), b, h,
+                         *tile_coords(q_start, kv_start, bq, bk))
+    return bias if row_offset is None else bias + row_offset
+
+  def tile_weights(self, score, b, h, q_start, kv_start, bq: int, bk: int):
+    """`stat_weights` on a tile (module docstring)."""
+    return self.stat_weights(score, b, h,
+                             *tile_coords(q_start, kv_start, bq, bk))
+
   def kernel_unsupported(self, impl: str) -> Optional[str]:
     """Why Pallas implementation `impl` cannot run this mod, or None."""
     del impl
@@ -128,12 +170,54 @@ def _needs_tile_stats(mod) -> Optional[str]:
   return None
 
 
+def has_stat_weights(mod) -> bool:
+  """Whether `mod` (ScoreMod or not) defines `stat_weights`."""
+  own = getattr(type(mod), "stat_weights", None)
+  return own is not None and own is not ScoreMod.stat_weights
+
+
 def kernel_unsupported(mod, impl: str) -> Optional[str]:
   """Why Pallas implementation `impl` cannot run `mod` (any registered
   dataclass mod, ScoreMod or not), or None."""
   if isinstance(mod, ScoreMod):
     return mod.kernel_unsupported(impl)
   return _needs_tile_stats(mod)
+
+
+def tile_coords(q_start, kv_start, bq: int, bk: int):
+  """Index vectors (q_idx [bq, 1], kv_idx [1, bk]) of a tile."""
+  return (q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0),
+          kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1))
+
+
+def _broadcast_apart(x, y) -> bool:
+  """Whether x and y are both smaller than their broadcast (index vectors
+  such as [bq, 1] and [1, bk]) rather than full index tiles."""
+  full = math.prod(jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y)))
+  return math.prod(jnp.shape(x)) < full and math.prod(jnp.shape(y)) < full
+
+
+def abs_distance(q_idx, kv_idx):
+  """|q_idx - kv_idx| in f32 (exact below 2^24). Index vectors are
+  converted before they broadcast (one subtraction per element, no
+  int->float convert per element); full index tiles are subtracted first
+  (one convert per element instead of two)."""
+  if _broadcast_apart(q_idx, kv_idx):
+    return jnp.abs(jnp.asarray(q_idx, jnp.float32) -
+                   jnp.asarray(kv_idx, jnp.float32))
+  return jnp.abs(q_idx - kv_idx).astype(jnp.float32)
+
+
+def offset_range(q_idx, kv_idx):
+  """(min, max) of kv_idx - q_idx over a tile. From index vectors it takes
+  four vector reductions instead of two over the tile (exact: each extreme
+  pairs a row with a column); for other shapes it is a bound with min <= the
+  true min and max >= the true max (callers use it conservatively)."""
+  if _broadcast_apart(q_idx, kv_idx):
+    return (jnp.min(kv_idx) - jnp.max(q_idx),
+            jnp.max(kv_idx) - jnp.min(q_idx))
+  d = kv_idx - q_idx
+  return jnp.min(d), jnp.max(d)
 
 
 def bucket(width: int, index, value):
@@ -195,6 +279,27 @@ def tree_sum(x, axis: int):
 # --- built-in mods -----------------------------------------------------------
 
 
+def _abs_offset_tile(k, q_start, kv_start, bq: int, bk: int, row_offset=None):
+  """k * |q_idx - kv_idx| (+ row_offset) on a tile, [bq, bk] f32 (exact
+  offsets < 2^24).
+
+  q_idx - kv_idx = off + i - j with off = q_start - kv_start. On a tile that
+  lies on one side of the diagonal (sign s) this is (k s (off + i)) -
+  (k s) j: a per-row term and one multiply-add per element with the
+  loop-invariant column iota, no int->float convert or |.| per element;
+  tiles crossing the diagonal take |.| per element.
+  """
+  off = jnp.asarray(q_start - kv_start, jnp.float32)
+  rows = off + jax.lax.broadcasted_iota(jnp.float32, (bq, 1), 0)
+  cols = jax.lax.broadcasted_iota(jnp.float32, (bq, bk), 1)
+  above, below = off >= bk - 1, off <= 1 - bq  # q >= kv, q <= kv throughout
+  ks = k * jnp.where(above, jnp.float32(1.0), jnp.float32(-1.0))
+  add = (lambda x: x) if row_offset is None else (lambda x: x + row_offset)
+  return jax.lax.cond(above | below,
+                      lambda: cols * (-ks) + add(ks * rows),
+                      lambda: add(k * jnp.abs(rows - cols)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Alibi(ScoreMod):
   """ALiBi: score - slopes[h] * |q_idx - kv_idx|; slopes [heads]."""
@@ -207,16 +312,25 @@ class Alibi(ScoreMod):
                        f"shape {getattr(self.slopes, 'shape', None)}")
 
   def __call__(self, score, b, h, q_idx, kv_idx):
-    dist = jnp.abs(q_idx - kv_idx).astype(jnp.float32)
-    return score - self.slopes[h] * dist
+    return score - self.slopes[h] * abs_distance(q_idx, kv_idx)
+
+  def tile_bias(self, factor, b, h, q_start, kv_start, bq, bk,
+                row_offset=None):
+    return _abs_offset_tile(-factor * self.slopes[h], q_start, kv_start, bq,
+                            bk, row_offset)
+
+  def tile_weights(self, score, b, h, q_start, kv_start, bq, bk):
+    return (_abs_offset_tile(jnp.float32(-1.0), q_start, kv_start, bq, bk),)
 
   @property
   def num_stats(self) -> int:
     return 1
 
   def tile_stats(self, g, score, b, h, q_idx, kv_idx, width):
-    dist = jnp.abs(q_idx - kv_idx).astype(jnp.float32)
-    return bucket(width, 0, -jnp.sum(g * dist))
+    return bucket(width, 0, -jnp.sum(g * abs_distance(q_idx, kv_idx)))
+
+  def stat_weights(self, score, b, h, q_idx, kv_idx):
+    return (-abs_distance(q_idx, kv_idx),)
 
   def stats_to_grads(self, stats):
     return (tree_sum(stats[..., 0], 0),)
@@ -258,19 +372,29 @@ class RelativeBias(ScoreMod):
   def __call__(self, score, b, h, q_idx, kv_idx):
     return score + self.bias(h, q_idx, kv_idx)
 
-  def bias(self, h, q_idx, kv_idx):
-    """table[h, bucket]; a tile entirely past one end of the window reads
-    one entry instead of gathering (most tiles at long lengths)."""
+  def tile_bias(self, factor, b, h, q_start, kv_start, bq, bk,
+                row_offset=None):
+    # The tile's offset range from its corner: no reductions.
+    span = (kv_start - (q_start + bq - 1), kv_start + bk - 1 - q_start)
+    bias = self.bias(h, *tile_coords(q_start, kv_start, bq, bk), factor,
+                     span)
+    return bias if row_offset is None else bias + row_offset
+
+  def bias(self, h, q_idx, kv_idx, factor=None, span=None):
+    """(factor *) table[h, bucket]; a tile entirely past one end of the
+    window reads one entry instead of gathering (most tiles at long
+    lengths). span: (min, max) of kv_idx - q_idx if known."""
     w = self.window
-    d = kv_idx - q_idx
-    shape = jnp.broadcast_shapes(jnp.shape(h), jnp.shape(d))
-    dmin, dmax = jnp.min(d), jnp.max(d)
+    shape = jnp.broadcast_shapes(jnp.shape(h), jnp.shape(q_idx),
+                                 jnp.shape(kv_idx))
+    dmin, dmax = span if span is not None else offset_range(q_idx, kv_idx)
     end = jnp.where(dmax <= -(w - 1), jnp.int32(0), jnp.int32(2 * w - 2))
+    scaled = (lambda x: x) if factor is None else (lambda x: factor * x)
     return jax.lax.cond(
         (dmax <= -(w - 1)) | (dmin >= w - 1),
-        lambda: jnp.broadcast_to(self.table[h, end], shape),
-        lambda: jnp.broadcast_to(self.table[h, self._bucket(q_idx, kv_idx)],
-                                 shape))
+        lambda: jnp.broadcast_to(scaled(self.table[h, end]), shape),
+        lambda: jnp.broadcast_to(
+            scaled(self.table[h, self._bucket(q_idx, kv_idx)]), shape))
 
   @property
   def num_stats(self) -> int:
@@ -284,7 +408,7 @@ class RelativeBias(ScoreMod):
     w = self.window
     lo, hi, last = -(w - 1), w - 1, 2 * w - 2
     d = kv_idx - q_idx
-    dmin, dmax = jnp.min(d), jnp.max(d)
+    dmin, dmax = offset_range(q_idx, kv_idx)
 
     def one_end():
       # int32 constants: a weakly typed where() breaks the Triton lowering.

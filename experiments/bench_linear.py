@@ -57,6 +57,7 @@ _DECODE_IMPLS = flags.DEFINE_list("decode_impls",
                                   "decode implementations")
 _SWEEP = flags.DEFINE_string(
     "sweep", "forward=split,num_splits=4;"
+    "forward=split,forward_block_v=64,num_splits=2;"
     "forward=split,forward_block_v=64,num_splits=4;"
     "forward=fused,forward_block_v=32,num_stages=2;"
     "forward=fused,forward_block_v=32,num_warps=8;"

@@ -101,7 +101,8 @@ def parse_tuning(text):
   return TuningConfig(**kw)
 
 
-def capture(shape, dtype, out_dir, tuning=None, decode_batch=None):
+def capture(shape, dtype, out_dir, tuning=None, decode_batch=None,
+            chunk=None):
   """Lowers fwd + grad (and decode) for CUDA; returns the kernels' IR jobs."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -128,7 +129,8 @@ def capture(shape, dtype, out_dir, tuning=None, decode_batch=None):
   def fwd(q, k, v, sl, s0):
     return sj.linear.lightning_attention(q, k, v, sl, initial_state=s0,
                                          return_final_state=True,
-                                         impl="pallas_triton", tuning=tuning)
+                                         impl="pallas_triton", tuning=tuning,
+                                         chunk_size=chunk)
 
   grad = jax.grad(lambda *a: sum(x.astype(jnp.float32).sum()
                                  for x in fwd(*a)), argnums=(0, 1, 2, 3, 4))
@@ -169,12 +171,13 @@ def main():
                   help="TuningConfig fields, e.g. forward=split,num_splits=4")
   ap.add_argument("--decode_batch", type=int, default=None,
                   help="batch of the decode step (default: the shape's)")
+  ap.add_argument("--chunk", type=int, default=None, help="chunk_size")
   ap.add_argument("--ir", default="", help="folder for IR/PTX/SASS dumps")
   a = ap.parse_args()
   shape = tuple(int(x) for x in a.shape.split(","))
   with tempfile.TemporaryDirectory() as tmp:
     jobs = capture(shape, a.dtype, tmp, parse_tuning(a.tuning),
-                   a.decode_batch)
+                   a.decode_batch, a.chunk)
     if a.ir:
       os.makedirs(a.ir, exist_ok=True)
       for job in jobs:

@@ -9,11 +9,11 @@ computed per q head and summed per kv head outside the kernel.
 
 Score mods see index vectors (q_idx [bq, 1], kv_idx [1, bk]); additive
 ScoreMods give their bias through `tile_bias` (score_mods), already scaled
-into the base-2 logits and, in the backward, with -lse folded into their
-per-row term (Alibi: one multiply-add per element on tiles off the
-diagonal). Parameter statistics: dQ programs accumulate g * w per element
-for mods with `stat_weights` (one reduction per program), else sum each
-tile's `tile_stats`. Mods that gather from a table get one forward pipeline
+into the base-2 logits and, in dQ, with -lse folded into their per-row
+term (Alibi: one multiply-add per element on tiles off the diagonal).
+Parameter statistics: dQ programs accumulate g * w per element for mods
+with `stat_weights` (one reduction per program), else sum each tile's
+`tile_stats`. Mods that gather from a table get one forward pipeline
 stage less (the gather's layout conversion needs that shared memory).
 
 `attention` (bottom) is the custom_vjp entry used by sparsejax.attention;
@@ -189,10 +189,11 @@ def _tile(cfg, mod, refs, b, h, q_start, kv_start, bq, bk, use_fn, use_ids,
 def _bias(cfg, mod, b, h, q_start, kv_start, bq, bk, lse=None):
   """(bias, whether it holds -lse): an additive ScoreMod's bias in the
   scaled (base-2) logits from the tile's corner (`tile_bias`, see
-  score_mods), or (None, False). The backward passes the rows' lse: without
-  soft-cap the mod adds -lse to its per-row term, which saves the backward
-  one subtraction per element. Called after the q.k product so the bias
-  tile is not live across the MMA."""
+  score_mods), or (None, False). dQ passes its rows' lse: without soft-cap
+  the mod adds -lse to its per-row term, one subtraction per element fewer
+  (not in dK/dV: there it costs spills, measured with triton_resources.py,
+  for the same instruction count). Called after the q.k product so the
+  bias tile is not live across the MMA."""
   if not (getattr(mod, "additive", False) and hasattr(mod, "tile_bias")):
     return None, False
   row = (None if lse is None or cfg.soft_cap is not None else
@@ -406,10 +407,9 @@ def _dkv_kernel(*refs, names, cfg, sq):
                       q_seg, kv_seg)
       lse, delta = r["lse"][pl.ds(qs, sq)], r["delta"][pl.ds(qs, sq)]
       s_raw = block_math.raw_scores(q, k)
-      bias, has_lse = _bias(cfg, mod, b, h, qs, j * bk, sq, bk, lse)
+      bias, _ = _bias(cfg, mod, b, h, qs, j * bk, sq, bk)
       p, _, ds = block_math.grads_from_raw(s_raw, v, do, lse, delta, cfg.scale,
-                                           cfg.soft_cap, vis, mod, at, bias,
-                                           has_lse)
+                                           cfg.soft_cap, vis, mod, at, bias)
       dk = c[0] + jax.lax.dot_general(
           ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), precision=prec,
           preferred_element_type=jnp.float32)

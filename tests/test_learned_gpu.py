@@ -18,7 +18,7 @@ from flax import nnx
 
 import sparsejax as sj
 from sparsejax.learned import minference
-from tests.block_probs_test_base import assert_close
+from tests.block_probs_test_base import assert_close, normal
 from tests.conftest import has_gpu
 
 L, BLOCK = 2048, 64
@@ -26,10 +26,9 @@ WIDTH = L // BLOCK - 1  # Seer's list width (its dense last rows): shared
 
 
 def _qkv(l=L, h=4, hkv=2, d=64, seed=0, dtype=jnp.bfloat16):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(ks[0], (1, l, h, d), dtype),
-          jax.random.normal(ks[1], (1, l, hkv, d), dtype),
-          jax.random.normal(ks[2], (1, l, hkv, d), dtype))
+  return (normal(3 * seed, (1, l, h, d), dtype),
+          normal(3 * seed + 1, (1, l, hkv, d), dtype),
+          normal(3 * seed + 2, (1, l, hkv, d), dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,8 +83,7 @@ class TestLearnedGpu:
   def test_routing_attention(self):
     q, k, v = _qkv()
     idx = sj.learned.cluster_members(
-        sj.learned.routing_norm(q), jax.random.normal(
-            jax.random.key(1), (4, 8, 64)), 256)
+        sj.learned.routing_norm(q), normal(7, (4, 8, 64)), 256)
     got = jax.jit(sj.learned.routing_attention)(q, k, v, idx)
     want = jax.jit(functools.partial(sj.learned.routing_attention,
                                      impl="reference"))(q, k, v, idx)

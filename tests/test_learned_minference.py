@@ -14,16 +14,14 @@ import sparsejax as sj
 from sparsejax.learned import minference
 from sparsejax.nn import learned_layers
 from tests import test_learned_seer
-from tests.block_probs_test_base import assert_close
+from tests.block_probs_test_base import assert_close, normal
 
 B = 16  # block size of these tests
 
 
 def _qk(l=100, h=2, hkv=1, d=16, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(ks[0], (1, l, h, d)),
-          jax.random.normal(ks[1], (1, l, hkv, d)),
-          jax.random.normal(ks[2], (1, l, hkv, d)))
+  return (normal(3 * seed, (1, l, h, d)), normal(3 * seed + 1, (1, l, hkv, d)),
+          normal(3 * seed + 2, (1, l, hkv, d)))
 
 
 def test_vertical_slash_scores_match_loops():
@@ -138,7 +136,7 @@ def test_search_picks_the_cheapest_pattern_with_enough_recall():
   """Head 0 attends locally (q_i ~ k_i), head 1 uniformly (q = 0): the
   A-shape keeps head 0's mass, only dense keeps head 1's."""
   l, d = 128, 16
-  keys = jax.random.normal(jax.random.key(0), (1, l, 1, d)) * 3.0
+  keys = normal(0, (1, l, 1, d)) * 3.0
   q = jnp.concatenate([keys, jnp.zeros_like(keys)], axis=2)
   k = jnp.concatenate([keys, keys], axis=2)
   result = sj.learned.search_patterns(
@@ -160,7 +158,7 @@ def test_layer_with_dense_patterns_equals_causal_attention():
   assert layer.patterns == (minference.Dense(),) * 4
   plain = sj.nn.Attention(32, 4, 2, 16, mask=sj.masks.causal(
       64, block_size=B), impl="reference", rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (1, 64, 32))
+  x = normal(1, (1, 64, 32))
   apply = lambda m: jax.jit(lambda s, x: nnx.merge(nnx.graphdef(m), s)(x))(
       nnx.state(m), x)
   assert_close("layer", apply(layer), apply(plain), 2e-5)

@@ -12,26 +12,26 @@ from flax import nnx
 
 import sparsejax as sj
 from sparsejax.nn import learned_layers
-from tests.block_probs_test_base import assert_close, x64
+from tests.block_probs_test_base import assert_close, normal, x64
 
 
 def _qkv(b=2, l=64, h=4, hkv=2, d=16, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (b, l, h, d))
-  k = jax.random.normal(ks[1], (b, l, hkv, d))
-  v = jax.random.normal(ks[2], (b, l, hkv, d))
-  return q, k, v, ks[3]
+  """q, k, v and a seed for the centroids."""
+  q = normal(4 * seed, (b, l, h, d))
+  k = normal(4 * seed + 1, (b, l, hkv, d))
+  v = normal(4 * seed + 2, (b, l, hkv, d))
+  return q, k, v, 4 * seed + 3
 
 
 def _members(q, clusters, window, key):
-  centroids = jax.random.normal(key, (q.shape[2], clusters, q.shape[3]))
+  centroids = normal(key, (q.shape[2], clusters, q.shape[3]))
   return sj.learned.cluster_members(sj.learned.routing_norm(q), centroids,
                                     window)
 
 
 def test_cluster_members_are_each_clusters_nearest_sorted():
   q, _, _, key = _qkv()
-  centroids = jax.random.normal(key, (4, 3, 16))
+  centroids = normal(key, (4, 3, 16))
   idx = np.asarray(sj.learned.cluster_members(
       sj.learned.routing_norm(q), centroids, 16))
   x = np.asarray(sj.learned.routing_norm(q))
@@ -61,7 +61,7 @@ def test_matches_float64_reference_with_grads():
   """Overlapping equal-size clusters (tokens in 0, 1 or several), GQA."""
   q, k, v, key = _qkv()
   idx = _members(q, 3, 32, key)
-  g = jax.random.normal(jax.random.key(9), q.shape)
+  g = normal(9, q.shape)
   got = _routing_fn("xla", False)(q, k, v, idx, g)
   with x64():
     as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
@@ -94,17 +94,17 @@ def test_one_cluster_equals_dense_causal():
       share_qk=False, impl="xla", rngs=nnx.Rngs(0))
   plain = sj.nn.Attention(32, 4, 2, 16, mask=sj.masks.causal(
       64, block_size=16), impl="reference", rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (2, 64, 32))
+  x = normal(1, (2, 64, 32))
   apply = lambda m: jax.jit(lambda s, x: nnx.merge(nnx.graphdef(m), s)(x))(
       nnx.state(m), x)
   assert_close("layer", apply(layer), apply(plain), 2e-5)
 
 
 def test_kmeans_ema_update_matches_numpy():
-  ks = jax.random.split(jax.random.key(3), 3)
-  x = sj.learned.routing_norm(jax.random.normal(ks[0], (2, 40, 3, 8)))
-  ema_sum = jax.random.normal(ks[1], (3, 5, 8))
-  ema_count = jax.random.uniform(ks[2], (3, 5), minval=0.5, maxval=2.0)
+  x = sj.learned.routing_norm(normal(30, (2, 40, 3, 8)))
+  ema_sum = normal(31, (3, 5, 8))
+  ema_count = jnp.asarray(np.random.default_rng(32).uniform(0.5, 2.0, (3, 5)),
+                          jnp.float32)
   decay, eps = 0.9, 1e-5
   cent, new_sum, new_count = sj.learned.kmeans_ema_update(
       x, ema_sum, ema_count, decay=decay, eps=eps)
@@ -155,7 +155,8 @@ def test_train_step_keeps_the_step_state():
                                                     StepState, ...)
   tx = optax.adam(1e-3)
   state = train.init_state(tx, params, model_state)
-  tokens = jax.random.randint(jax.random.key(0), (2, 65), 0, 64)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 65)),
+                       jnp.int32)
   batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:])
   step = jax.jit(functools.partial(train.train_step, graphdef, tx,
                                    tasks.get_task("lm")))

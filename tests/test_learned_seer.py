@@ -16,12 +16,11 @@ from sparsejax.block_sparse.block_mask import FULL, PARTIAL
 from sparsejax.learned import gate as gate_lib
 from sparsejax.nn import learned_layers
 from tests import test_mask_lists
+from tests.block_probs_test_base import normal
 
 
 def _qk(b=1, l=70, h=4, hkv=2, d=16, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 2)
-  return (jax.random.normal(ks[0], (b, l, h, d)),
-          jax.random.normal(ks[1], (b, l, hkv, d)))
+  return normal(2 * seed, (b, l, h, d)), normal(2 * seed + 1, (b, l, hkv, d))
 
 
 def _np_rope(x, pos, theta=10000.0):
@@ -75,10 +74,9 @@ class TestGate:
       sj.learned.density_to_topk(0.0, 8)
 
   def test_select_blocks_rules(self):
-    ks = jax.random.split(jax.random.key(1), 1)
     nb = 10
     scores = jnp.where(gate_lib.block_causal(nb, nb),
-                       jax.random.normal(ks[0], (2, 3, nb, nb)), -jnp.inf)
+                       normal(10, (2, 3, nb, nb)), -jnp.inf)
     kk = sj.learned.density_to_topk(0.3, nb)
     sel = np.asarray(sj.learned.select_blocks(scores, density=0.3,
                                               last_dense=2))
@@ -110,8 +108,8 @@ class TestGate:
     and without dense last rows."""
     def scores(length):
       n = -(-length // 16)
-      return jnp.where(gate_lib.block_causal(n, n), jax.random.normal(
-          jax.random.key(length), (2, 3, n, n)), -jnp.inf)
+      return jnp.where(gate_lib.block_causal(n, n),
+                       normal(length, (2, 3, n, n)), -jnp.inf)
 
     @jax.jit
     def build(s100, s64):
@@ -128,11 +126,10 @@ class TestGate:
 
   def test_kl_loss_matches_torch_kldiv_mean(self):
     nb = 8
-    ks = jax.random.split(jax.random.key(2), 2)
     causal = np.tril(np.ones((nb, nb), bool))
-    scores = jnp.where(causal, jax.random.normal(ks[0], (1, 2, nb, nb)),
+    scores = jnp.where(causal, normal(20, (1, 2, nb, nb)),
                        -jnp.inf)
-    target = jnp.where(causal, jnp.exp(jax.random.normal(ks[1], scores.shape)),
+    target = jnp.where(causal, jnp.exp(normal(21, scores.shape)),
                        0.0)
     target = target / target.sum(-1, keepdims=True)
     got = float(sj.learned.gate_kl_loss(scores, target))
@@ -170,7 +167,7 @@ def _layer(mode="sparse", density=0.5, seq_len=96, seed=0):
 class TestLayer:
 
   def test_all_blocks_kept_equals_dense(self):
-    x = jax.random.normal(jax.random.key(0), (2, 96, 32))
+    x = normal(0, (2, 96, 32))
     sparse, dense = _layer(density=1.0), _layer(mode="dense")
     assert jax.tree.all(jax.tree.map(jnp.array_equal, nnx.state(sparse,
                                                                  nnx.Param),
@@ -195,13 +192,13 @@ class TestLayer:
       blocks = m.select(*_unroped_qk(m, x))
       return m(x), blocks
 
-    outs = [run(state, jax.random.normal(jax.random.key(s), (1, 96, 32)))
+    outs = [run(state, normal(s, (1, 96, 32)))
             for s in range(3)]
     assert run._cache_size() == 1  # pylint: disable=protected-access
     blocks = [np.asarray(o[1]) for o in outs]
     assert any((blocks[0] != b).any() for b in blocks[1:])
     for (out, blk), s in zip(outs, range(3)):  # each equals its own mask
-      x = jax.random.normal(jax.random.key(s), (1, 96, 32))
+      x = normal(s, (1, 96, 32))
       _, _, v, qr, kr = learned_layers.projections(layer, x, None)
       mask = sj.learned.gate_block_mask(jnp.asarray(blk), block_size=16,
                                         q_len=96)

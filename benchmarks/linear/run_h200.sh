@@ -11,16 +11,19 @@
 #   3. (60 s) the peers at the reported shapes (fla, OpenNLPLab, SDPA)
 #   4. (60 s) our bench: decode, our kernels, cuDNN, per-token sweeps
 # Needs fla-core and tensorboardX installed (the lead's wrapper); every step
-# prints its failure and the script carries on.
+# prints its failure and the script carries on. SMOKE=1 runs the same steps
+# at CPU sizes (the script's plumbing only).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/linear/run_h200.sh OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 cache=/tmp/linear_jax_cache
+preset=gpu; smoke=""
+if [ -n "${SMOKE:-}" ]; then preset=smoke; smoke=--smoke; cache=/tmp/linear_jax_cache_smoke; fi
 t0=$(date +%s)
 stamp() { echo "step $1 done at $(( $(date +%s) - t0 )) s"; }
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv 2>&1 | tee "$out/gpu.txt"
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
 
 # 1. Numerics on the GPU (Triton kernels vs the float64 recurrence), the
@@ -33,7 +36,7 @@ tests=$!
     --out /tmp/peers_warmup.json > "$out/peers_warmup.log" 2>&1
   echo "peers warm-up exit $?" >> "$out/peers_warmup.log" ) &
 warm=$!
-timeout 85 python3 -m experiments.linear_quality --preset=gpu --workdir=/tmp/linear_quality_gpu \
+timeout 85 python3 -m experiments.linear_quality --preset=$preset --workdir=/tmp/linear_quality_$preset \
   --out_dir="$out/quality" 2>&1 | grep -v -e Warn -e "custom data configuration" > "$out/quality.log"
 echo "quality exit ${PIPESTATUS[0]}" >> "$out/quality.log"
 wait $tests $warm
@@ -41,12 +44,12 @@ tail -6 "$out/gpu_tests.log"; tail -4 "$out/quality.log"; tail -2 "$out/peers_wa
 stamp 1
 
 # 2. Needle retrieval (training; not a timing) beside our compiles.
-( timeout 85 python3 -m experiments.bench_linear --compile_only --cache_dir=$cache \
+( timeout 85 python3 -m experiments.bench_linear --compile_only --cache_dir=$cache $smoke \
     --out_dir="$out" > "$out/bench_compile.log" 2>&1
   echo "bench compile exit $?" >> "$out/bench_compile.log" ) &
 comp=$!
 mkdir -p "$out/needle"
-timeout 90 python3 -m experiments.linear_needle --preset=gpu --out_dir="$out/needle" 2>&1 \
+timeout 90 python3 -m experiments.linear_needle --preset=$preset --out_dir="$out/needle" 2>&1 \
   | grep -v Warn > "$out/needle/run.log"
 echo "needle exit ${PIPESTATUS[0]}" >> "$out/needle/run.log"
 wait $comp
@@ -61,8 +64,8 @@ timeout 60 python3 .peer/peer_variants.py --cases linear --linear-lengths 4096 1
 stamp 3
 
 # 4. Ours (Triton + xla) from the compile cache, cuDNN, sweeps, decode.
-timeout 60 python3 -m experiments.bench_linear --cache_dir=$cache --out_dir="$out" \
+timeout 60 python3 -m experiments.bench_linear --cache_dir=$cache $smoke --out_dir="$out" \
   --peers="$out/peers.json" --peers_log="$out/peers.log" --max_seconds=50 2>&1 \
-  | grep -v Warn | tee "$out/bench.log" | tail -12
+  | grep -v Warn | tee "$out/bench.log" | tail -3
 cat "$out/table.md" 2>/dev/null
 stamp 4

@@ -81,6 +81,7 @@ class TuningConfig:
     SM: d_k 128 x 64 columns uses 253 registers and 88 KB); otherwise 3 (2
     at d_k 256), the dk/dv kernel too (it streams q, k, v, do: 212 KB at
     128 x 128 and 3 stages, which the H200 ran 7% faster than 2).
+  - decode_block_v 32, decode_num_warps 4 (see `decode`).
   `benchmarks/linear/triton_resources.py` reports registers, spills and
   shared memory of these defaults compiled for sm90 (Triton 3.9, on CPU).
   """

@@ -106,3 +106,23 @@ def test_quality_plot_and_presets(tmp_path):
   assert variants["lightning_hybrid"].overrides == {
       "attention.dense_every_n": 8}
   json.dumps(quality.PRESETS)  # presets are plain data
+
+
+def test_needle_variants_are_dense_and_the_lightning_hybrid():
+  """The needle run's two configs (no training: that is the GPU step)."""
+  from configs import lm  # pylint: disable=g-import-not-at-top
+  from sparsejax.evals import compare  # pylint: disable=g-import-not-at-top
+  from sparsejax.linear import needle  # pylint: disable=g-import-not-at-top
+  from sparsejax.nn import attention_registry  # pylint: disable=g-import-not-at-top
+  preset = needle.PRESETS["gpu"]
+  assert max(preset.eval_lengths) <= 2 * max(preset.train_lengths)
+  common = {**preset.model, "seq_len": 128}
+  schedules = {}
+  for v in needle.variants(preset, every=2):
+    config = compare.make_config(lm.get_config, v, common)
+    assert config.data.name == "needle"
+    schedules[v.name] = attention_registry.layer_schedule(
+        config.model.num_layers, config.attention.name,
+        dense_every_n=config.attention.get("dense_every_n", 0) or 0)
+  assert schedules == {"dense": ["dense"] * 4,
+                       "lightning_hybrid": ["lightning", "dense"] * 2}

@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/learned/run_h200.sh OUTDIR           # on the H200
 #   bash benchmarks/learned/run_h200.sh OUTDIR --smoke   # CPU: the code paths
+#   QUICK=1 bash benchmarks/learned/run_h200.sh OUTDIR   # H200, ~170 s: shorter
+#     time boxes, the quality run trained for 70 s
 #
 # Every step is wrapped in `timeout`; a failing step is reported and the
 # script carries on. OUTDIR gets *.log, bench/{bench.json,bench.md,
@@ -48,19 +50,21 @@ else
   # Numerics on the GPU: the probs kernel's suite class (values on every
   # case, gradients on one) and the learned methods on the kernels
   # impl="auto" picks (Mosaic GPU attention; one shared attention program).
-  run_step gpu_tests 65 python3 -m pytest tests/test_learned_block_probs.py \
+  t_tests=65; t_bench=55; t_quality=138
+  [ -n "${QUICK:-}" ] && { t_tests=45; t_bench=50; t_quality=70; }
+  run_step gpu_tests $t_tests python3 -m pytest tests/test_learned_block_probs.py \
     tests/test_learned_gpu.py -k "Gpu and not structure" -v \
     -p no:cacheprovider --durations=0
   # Prefill of one layer (B 1, 32 q / 8 kv heads, d 128, bf16) vs cuDNN at
   # 32K and 128K: SeerAttention at 50% / 90% block sparsity, MInference
   # vertical-slash (1000, 6096), and the distillation target's kernel.
-  run_step bench 55 python3 -m experiments.learned_bench \
+  run_step bench $t_bench python3 -m experiments.learned_bench \
     --lengths=32768,131072 --seer_densities=0.5,0.1 --probs_lengths=32768 \
     --out_dir="$out/bench"
   # One 4-layer needle LM: dense / local / routing trained in lockstep, Seer
   # gates distilled on the dense one and evaluated 50% -> 90% sparse,
   # MInference prefill (searched per head, and fixed) vs dense prefill.
-  run_step quality 145 python3 -m experiments.learned_evidence --preset=gpu \
-    --max_seconds=138 --out_dir="$out/quality"
+  run_step quality $((t_quality + 7)) python3 -m experiments.learned_evidence --preset=gpu \
+    --max_seconds=$t_quality --out_dir="$out/quality"
 fi
 echo "== done in $((SECONDS - start))s; failed steps: ${failed[*]:-none}"

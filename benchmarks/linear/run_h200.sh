@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Lightning Attention-2 on one H200 (issue #12). From the repo root:
 #   bash benchmarks/linear/run_h200.sh OUTDIR
+#   QUICK=1 bash benchmarks/linear/run_h200.sh OUTDIR   # about 150 s
 # Wall budget 5 min (step caps 3 + 85 + 90 + 60 + 60 s). Nothing that is
 # timed runs beside other GPU work:
 #   1. (85 s, side by side) the GPU test class, the quality run (softmax vs
@@ -25,6 +26,35 @@ t0=$(date +%s)
 stamp() { echo "step $1 done at $(( $(date +%s) - t0 )) s"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv 2>&1 | tee "$out/gpu.txt"
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
+
+# QUICK=1 (about 150 s): the GPU tests, the peers' warm-up and our compiles
+# side by side (no quality or needle run: their CPU results stand), then the
+# peers and our bench alone on the GPU, each with a shorter time box.
+if [ -n "${QUICK:-}" ]; then
+  par=""; python3 -c "import xdist" 2>/dev/null && par="-n 4"
+  ( timeout 60 python3 -m pytest tests/test_linear_impls.py -k Gpu $par -q -p no:cacheprovider \
+      > "$out/gpu_tests.log" 2>&1; echo "gpu tests exit $?" >> "$out/gpu_tests.log" ) &
+  tests=$!
+  ( timeout 60 python3 .peer/peer_variants.py --cases linear --linear-lengths 4096 \
+      --out /tmp/peers_warmup.json > "$out/peers_warmup.log" 2>&1
+    echo "peers warm-up exit $?" >> "$out/peers_warmup.log" ) &
+  warm=$!
+  timeout 60 python3 -m experiments.bench_linear --compile_only --cache_dir=$cache $smoke \
+    --out_dir="$out" > "$out/bench_compile.log" 2>&1
+  echo "bench compile exit $?" >> "$out/bench_compile.log"
+  wait $tests $warm
+  tail -6 "$out/gpu_tests.log"; tail -2 "$out/peers_warmup.log"; tail -2 "$out/bench_compile.log"
+  stamp 1
+  timeout 45 python3 .peer/peer_variants.py --cases linear --linear-lengths 4096 16384 65536 \
+    --out "$out/peers.json" 2>&1 | grep -v Warn | tee "$out/peers.log" | tail -6
+  stamp 2
+  timeout 45 python3 -m experiments.bench_linear --cache_dir=$cache $smoke --out_dir="$out" \
+    --peers="$out/peers.json" --peers_log="$out/peers.log" --max_seconds=36 2>&1 \
+    | grep -v Warn | tee "$out/bench.log" | tail -3
+  cat "$out/table.md" 2>/dev/null
+  stamp 3
+  exit 0
+fi
 
 # 1. Numerics on the GPU (Triton kernels vs the float64 recurrence), the
 #    hybrid-vs-softmax LM loss and the peers' compiles, in parallel.

@@ -1,6 +1,6 @@
 r"""Needle retrieval and answer loss of each decode method against dense.
 
-  # one H200: trains a 4-layer needle LM for 60 s, then evaluates dense,
+  # one H200: trains a 4-layer needle LM for 40 s, then evaluates dense,
   # Quest, Double Sparsity, TidalDecode (128, 2K) and MoA at 8K-32K
   python -m experiments.decode_accuracy --preset=gpu --out_dir=$OUT/accuracy
   # the same code path on CPU in a few minutes

@@ -48,20 +48,22 @@ CASES = [
     DecodeCase("tokens_per_kv_head_page1", (41, 96), 8, 2, 16, 1, "tokens"),
 ]
 BY_NAME = {c.name: c for c in CASES}
+_EMPTY = "dense_mqa_with_empty_sequence"
 
 
 @functools.lru_cache(maxsize=None)
 def make_cache(case: DecodeCase, dtype, seed=0):
   """(filled cache, q) of a case; shared by the implementation classes."""
   b = len(case.lengths)
-  ks = jax.random.split(jax.random.key(seed), 3)
+  # numpy draws: eager jax.random compiles per shape (seconds on CI).
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
   shape = (b, case.max_len, case.kv_heads, case.head_dim)
-  k = jax.random.normal(ks[0], shape, dtype)
-  v = jax.random.normal(ks[1], shape, dtype)
+  k, v = normal(*shape), normal(*shape)
   cache = PagedKVCache.create(b, case.max_len, case.kv_heads, case.head_dim,
                               dtype, page_size=case.page,
                               shuffle_key=jax.random.key(seed + 7))
-  q = jax.random.normal(ks[2], (b, case.heads, case.head_dim), dtype)
+  q = normal(b, case.heads, case.head_dim)
   return cache.prefill(k, v, np.asarray(case.lengths)), q
 
 
@@ -178,7 +180,8 @@ class DecodeSuite:
 
   CASE_NAMES = tuple(BY_NAME)  # subclasses may run a subset
 
-  @pytest.mark.parametrize("name", tuple(BY_NAME))
+  # (dense_mqa_with_empty_sequence: test_empty_sequence_gives_zeros.)
+  @pytest.mark.parametrize("name", [n for n in BY_NAME if n != _EMPTY])
   def test_matches_reference_f32(self, name):
     if name not in self.CASE_NAMES:
       pytest.skip(f"{type(self).__name__} runs {self.CASE_NAMES} (CI time)")
@@ -194,7 +197,7 @@ class DecodeSuite:
     self.check(BY_NAME[name], jnp.float32, scores=True)
 
   def test_empty_sequence_gives_zeros(self):
-    out = self.check(BY_NAME["dense_mqa_with_empty_sequence"], jnp.float32)
+    out = self.check(BY_NAME[_EMPTY], jnp.float32)
     assert np.all(np.asarray(out)[0] == 0) and np.isfinite(out).all()
 
   def test_entries_past_the_count_are_not_attended(self):

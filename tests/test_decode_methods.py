@@ -2,8 +2,11 @@
 
 Each selection method runs over a paged cache and is compared with its jnp
 reference over the dense K/V at a budget that selects a strict subset, and
-with dense decode at a budget that selects everything.
+with dense decode at a budget that selects everything. Data are numpy
+and every call is jitted: eager ops compile one by one, seconds on CI.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +29,14 @@ CHANNELS = np.array([[0, 3, 9, 12], [5, 1, 15, 2]])
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
+def _normal(seed, *shape):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape),
+                     jnp.float32)
+
+
 def _data(seed=0):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  k = jax.random.normal(ks[0], (B, N, HKV, D))
-  v = jax.random.normal(ks[1], (B, N, HKV, D))
-  q = jax.random.normal(ks[2], (B, H, D))
-  q2 = jax.random.normal(ks[3], (B, H, D))
+  k, v = _normal(seed, B, N, HKV, D), _normal(seed + 1, B, N, HKV, D)
+  q, q2 = _normal(seed + 2, B, H, D), _normal(seed + 3, B, H, D)
   cache = PagedKVCache.create(B, N, HKV, D, jnp.float32, page_size=PAGE,
                               page_bounds=True, channels=CHANNELS,
                               shuffle_key=jax.random.key(seed + 1))
@@ -41,35 +46,43 @@ def _data(seed=0):
 DATA = _data()
 
 
+@jax.jit
 def _dense(q, k, v):
   vis = jnp.arange(N)[None, None] < jnp.asarray(LENGTHS)[:, None, None]
   return selection.dense_attention(q, k, v, vis, D ** -0.5)
 
 
 def _run(name, impl, budget, per_head=False):
-  q, q2, k, v, cache = DATA
+  """(method, its reference, dense) outputs, one jit for all three."""
   kw = dict(impl=impl, interpret=impl != "xla")
-  lens = jnp.asarray(LENGTHS)
-  if name == "quest":
-    got = quest.quest_decode(q, cache, token_budget=budget,
-                             per_head=per_head, **kw)
-    want = quest.quest_reference(q, k, v, lens, page_size=PAGE,
-                                 token_budget=budget, per_head=per_head)
-    return got, want, _dense(q, k, v)
-  if name == "double_sparsity":
-    got = ds.ds_decode(q, cache, token_budget=budget, per_head=per_head,
-                       **kw)
-    want = ds.ds_reference(q, k, v, lens, jnp.asarray(CHANNELS),
-                           token_budget=budget, per_head=per_head)
-    return got, want, _dense(q, k, v)
-  # tidal: select with q at one layer, reuse with q2 at another
-  out, pos, counts = tidal.tidal_select(q, cache, token_budget=budget,
-                                        per_head=per_head, **kw)
-  np.testing.assert_allclose(out, _dense(q, k, v), **TOL)
-  got = tidal.tidal_reuse(q2, cache, pos, counts, **kw)
-  want = tidal.tidal_reference(q, k, q2, k, v, lens, token_budget=budget,
-                               per_head=per_head)
-  return got, want, _dense(q2, k, v)
+
+  def f(q, q2, k, v, cache):
+    lens = jnp.asarray(LENGTHS)
+    if name == "quest":
+      got = quest.quest_decode(q, cache, token_budget=budget,
+                               per_head=per_head, **kw)
+      want = quest.quest_reference(q, k, v, lens, page_size=PAGE,
+                                   token_budget=budget, per_head=per_head)
+      return got, want, _dense(q, k, v)
+    if name == "double_sparsity":
+      got = ds.ds_decode(q, cache, token_budget=budget, per_head=per_head,
+                         **kw)
+      want = ds.ds_reference(q, k, v, lens, jnp.asarray(CHANNELS),
+                             token_budget=budget, per_head=per_head)
+      return got, want, _dense(q, k, v)
+    # tidal: select with q at one layer (full attention), reuse with q2 at
+    # another
+    out, pos, counts = tidal.tidal_select(q, cache, token_budget=budget,
+                                          per_head=per_head, **kw)
+    got = tidal.tidal_reuse(q2, cache, pos, counts, **kw)
+    want = tidal.tidal_reference(q, k, q2, k, v, lens, token_budget=budget,
+                                 per_head=per_head)
+    return got, want, _dense(q2, k, v), out, _dense(q, k, v)
+
+  out = jax.jit(f)(*DATA)
+  if name == "tidal":
+    np.testing.assert_allclose(out[3], out[4], **TOL)
+  return out[:3]
 
 
 SELECTORS = ("quest", "double_sparsity", "tidal")
@@ -93,16 +106,17 @@ def test_selection_through_the_triton_kernel(name):
 
 def test_quest_keeps_the_current_page_and_bounds_hold():
   q, _, k, _, cache = DATA
-  logical, counts = quest.select_pages(
-      q, cache.page_min, cache.page_max, cache.lengths, page_size=PAGE,
-      token_budget=16)
+  logical, counts = jax.jit(functools.partial(
+      quest.select_pages, page_size=PAGE, token_budget=16))(
+          q, cache.page_min, cache.page_max, cache.lengths)
   last = -(-LENGTHS // PAGE) - 1
   for b in range(B):
     for g in range(HKV):
       assert last[b] in np.asarray(logical[b, g, :counts[b, g]])
   np.testing.assert_array_equal(counts[:, 0], [2, 2, 2])
   # The bound is >= every key's logit in its page.
-  ub = np.asarray(quest.upper_bounds(q, cache.page_min, cache.page_max))
+  ub = np.asarray(jax.jit(quest.upper_bounds)(q, cache.page_min,
+                                               cache.page_max))
   s = np.einsum("bhd,bnhd->bhn", q, np.repeat(k, H // HKV, 2))
   for b in range(B):
     for p in range(-(-LENGTHS[b] // PAGE)):
@@ -111,12 +125,11 @@ def test_quest_keeps_the_current_page_and_bounds_hold():
 
 
 def test_double_sparsity_calibration_finds_the_heavy_channels():
-  ks = jax.random.split(jax.random.key(5), 2)
-  q = jax.random.normal(ks[0], (64, 4, 16))
-  k = jax.random.normal(ks[1], (64, 2, 16))
-  q = q.at[:, :2, 3].mul(20.0).at[:, 2:, 11].mul(20.0)  # kv head 0: 3; 1: 11
-  k = k.at[:, :, 7].mul(10.0)
-  ch = np.asarray(ds.calibrate_channels(q, k, 2))
+  q, k = (np.array(_normal(s, 64, h, 16)) for s, h in ((5, 4), (6, 2)))
+  q[:, :2, 3] *= 20.0  # kv head 0: channel 3; kv head 1: 11
+  q[:, 2:, 11] *= 20.0
+  k[:, :, 7] *= 10.0
+  ch = np.asarray(jax.jit(ds.calibrate_channels, static_argnums=2)(q, k, 2))
   assert set(ch[0]) == {3, 7} and set(ch[1]) == {11, 7}
   with pytest.raises(ValueError, match="num_channels"):
     ds.calibrate_channels(q, k, 17)
@@ -124,9 +137,9 @@ def test_double_sparsity_calibration_finds_the_heavy_channels():
 
 def test_ds_token_fraction_budgets_each_sequence():
   q, _, _, _, cache = DATA
-  _, counts = ds.select_tokens(q, cache.labels, cache.channels,
-                               cache.lengths, token_budget=8,
-                               token_fraction=1 / 16)
+  _, counts = jax.jit(functools.partial(
+      ds.select_tokens, token_budget=8, token_fraction=1 / 16))(
+          q, cache.labels, cache.channels, cache.lengths)
   np.testing.assert_array_equal(counts[:, 0], [5, 1, 3])
 
 
@@ -152,31 +165,29 @@ def test_spans_follow_alpha_plus_beta_n():
 
 
 def test_moa_prefill_mask_rows_match_the_reference():
-  ks = jax.random.split(jax.random.key(2), 3)
-  q = jax.random.normal(ks[0], (1, 100, H, D))
-  k = jax.random.normal(ks[1], (1, 100, HKV, D))
-  v = jax.random.normal(ks[2], k.shape)
-  out = sj.attention(q, k, v, moa.moa_mask(100, H, SPANS, block_size=16),
-                     impl="reference")
+  q = _normal(2, 1, 100, H, D)
+  k, v = _normal(3, 1, 100, HKV, D), _normal(4, 1, 100, HKV, D)
+  out = jax.jit(lambda q, k, v, m: sj.attention(q, k, v, m, impl="reference"))(
+      q, k, v, moa.moa_mask(100, H, SPANS, block_size=16))
   sinks, windows = SPANS.spans(100)
+  ref = jax.jit(lambda q, n: moa.moa_reference(q, k, v, n, sinks, windows))
   for t in (0, 3, 30, 99):
-    want = moa.moa_reference(q[:, t], k, v, jnp.array([t + 1]), sinks,
-                             windows)
-    np.testing.assert_allclose(out[:, t], want, **TOL)
+    np.testing.assert_allclose(out[:, t], ref(q[:, t], jnp.array([t + 1])),
+                               **TOL)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
 def test_moa_cache_decode_matches_the_reference_every_step(impl):
-  ks = jax.random.split(jax.random.key(3), 3)
-  k = jax.random.normal(ks[0], (B, 100, HKV, D))
-  v = jax.random.normal(ks[1], k.shape)
-  qs = jax.random.normal(ks[2], (B, 100, H, D))
+  k, v = _normal(7, B, 100, HKV, D), _normal(8, B, 100, HKV, D)
+  qs = np.asarray(_normal(9, B, 100, H, D))
   cache = moa.MoAKVCache.create(B, 100, HKV, D, jnp.float32, SPANS, block=8)
   assert cache.capacity == 32  # max(4 + 20, 4 + 28): compacted per head
   cache = cache.prefill(k[:, :50], v[:, :50], np.array([3, 50, 30]))
   step = jax.jit(lambda c, a, b: c.append(a, b))
   decode = jax.jit(lambda q, c: moa.moa_decode(q, c, impl=impl,
                                                interpret=impl != "xla"))
+  ref = jax.jit(lambda q, n: moa.moa_reference(q, k, v, n, cache.sinks,
+                                               cache.windows))
   rows = np.arange(B)
   for i in range(0, 40):
     if i:
@@ -185,9 +196,8 @@ def test_moa_cache_decode_matches_the_reference_every_step(impl):
     lens = np.asarray(cache.lengths)
     if impl != "xla" and i % 13:  # interpret mode is slow: spot checks
       continue
-    want = moa.moa_reference(qs[rows, lens - 1], k, v, jnp.asarray(lens),
-                             cache.sinks, cache.windows)
-    np.testing.assert_allclose(decode(qs[rows, lens - 1], cache), want,
+    q = qs[rows, lens - 1]
+    np.testing.assert_allclose(decode(q, cache), ref(q, lens),
                                err_msg=f"step {i}", **TOL)
 
 
@@ -197,8 +207,9 @@ def test_moa_full_spans_equal_dense_and_overflow_is_flagged():
                       sink_size=4)
   cache = moa.MoAKVCache.create(B, N, HKV, D, jnp.float32, full, block=8)
   cache = cache.prefill(k, v, LENGTHS)
-  np.testing.assert_allclose(moa.moa_decode(q, cache, impl="xla"),
-                             _dense(q, k, v), **TOL)
+  np.testing.assert_allclose(
+      jax.jit(lambda q, c: moa.moa_decode(q, c, impl="xla"))(q, cache),
+      _dense(q, k, v), **TOL)
   cache = cache.prefill(k, v, np.array([N, 1, 1]))
   with pytest.raises(ValueError, match="full.*\\[0\\]"):
     cache.append(k[:, 0], v[:, 0])

@@ -29,9 +29,11 @@ class TestDecodeXla(DecodeSuite):
 
 # Interpret mode compiles slowly on CI's two cores: the kernels run the cases
 # that cover their code paths (page gathers, selected pages per kv head,
-# per-q-head token lists, the page-1 token view); xla runs all of them.
-_KERNEL_CASES = ("dense_ragged_gqa", "selected_pages_per_kv_head",
-                 "tokens_per_q_head", "tokens_per_kv_head_page1")
+# per-q-head token lists, the page-1 token view); xla runs all of them. The
+# f32 outputs of dense_ragged_gqa and tokens_per_q_head are checked by the
+# scores tests (return_scores=True); their bf16 / no-scores runs by the
+# bf16 and empty / past-count tests.
+_KERNEL_CASES = ("selected_pages_per_kv_head", "tokens_per_kv_head_page1")
 
 
 class TestDecodeTritonInterpret(DecodeSuite):
@@ -58,8 +60,7 @@ class TestDecodeTritonInterpretSplits(DecodeSuite):
 class TestDecodeTpuInterpret(DecodeSuite):
   IMPL = "pallas_tpu"
   INTERPRET = True
-  CASE_NAMES = ("dense_ragged_gqa", "selected_pages_per_kv_head",
-                "tokens_per_q_head")
+  CASE_NAMES = ("selected_pages_per_kv_head",)
 
 
 @pytest.mark.gpu
@@ -158,9 +159,9 @@ def test_bad_arguments_name_what_is_wrong():
 
 def test_auto_falls_back_to_xla_on_cpu():
   case, cache, q, lists = _small()
-  got = paged_decode.paged_decode_attention(q, cache.k_pages, cache.v_pages,
-                                            lists)
-  want = paged_decode.paged_decode_attention(q, cache.k_pages, cache.v_pages,
-                                             lists, impl="reference")
+  f = lambda impl: jax.jit(lambda q, k, v, lists: (
+      paged_decode.paged_decode_attention(q, k, v, lists, impl=impl)))(
+          q, cache.k_pages, cache.v_pages, lists)
+  got, want = f("auto"), f("reference")
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert case.lists == "dense"

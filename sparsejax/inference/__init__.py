@@ -5,12 +5,13 @@
              visit lists (paged_decode_attention), every path below uses it
   selection  Quest (pages), Double Sparsity (label cache), TidalDecode
              (position-persistent tokens), MoA (per-head elastic spans)
-  generate   the NNX LM with a decode method chosen by name (Generator)
+  generate   the NNX LM with a decode method chosen by name (Generator;
+             the module `sparsejax.inference.generate` also has generate())
 """
 
 from sparsejax.inference.double_sparsity import (calibrate_channels,
                                                  ds_decode, ds_reference)
-from sparsejax.inference.generate import Generator, generate
+from sparsejax.inference.generate import Generator
 from sparsejax.inference.implementations import DECODE
 from sparsejax.inference.methods import (DecodeMethod, get_method,
                                          method_names, register_method)
@@ -39,5 +40,5 @@ __all__ = [
     "MoASpans", "MoAKVCache", "moa_mask", "moa_decode", "moa_reference",
     "profile_spans",
     "DecodeMethod", "register_method", "get_method", "method_names",
-    "Generator", "generate",
+    "Generator",
 ]

@@ -49,7 +49,7 @@ class Preset:
   model: Mapping[str, Any]  # configs/lm.py overrides (dotted paths)
   train_lengths: tuple  # ascending; each unlocks over unlock_frac of steps
   tokens_per_step: int
-  steps: int
+  steps: int  # 0: no training (evaluates the initial model)
   train_seconds: float  # the training budget, compiles of later steps incl.
   eval_lengths: tuple
   eval_examples: int  # needles per length (depths spread over [0, 1])
@@ -84,7 +84,7 @@ PRESETS = {
                "model.rope_theta": 5e5, "optimizer.learning_rate": 2e-3,
                "attention.options": dict(block_size=128)},
         train_lengths=(64, 512, 2048, 8192, 32768), tokens_per_step=32768,
-        steps=2000, train_seconds=45.0,
+        steps=2000, train_seconds=40.0,
         eval_lengths=(8192, 16384, 32768), eval_examples=8, calib_len=2048,
         methods=_METHODS_GPU),
     # Two CPU cores, f32: the code path only.
@@ -255,8 +255,9 @@ def plan_jobs(names, model, preset, batches, compiler, results, log=print):
   return jobs
 
 
-def run_jobs(jobs, model, results, log=print):
-  """Runs the jobs (waiting for their compiles) into results."""
+def run_jobs(jobs, model, results, log=print, save=lambda: None):
+  """Runs the jobs (waiting for their compiles) into results; save() after
+  each."""
   for job in jobs:
     res = results[job.name]
     if "error" in res:
@@ -272,6 +273,7 @@ def run_jobs(jobs, model, results, log=print):
         f"{res['answer_nll'].get(str(L), float('nan')):.3f}"
         for L in job.lengths) + (f" FAILED {res['error']}" if "error" in res
                                  else ""))
+    save()
 
 
 def _calibrate(names, model, preset, results, log):
@@ -317,9 +319,14 @@ def run(get_config: Callable[[str], Any], preset: Preset, out_dir: str, *,
   learns = [n for n in results if n not in plain]
   compiler = aot.Compiler()
   init = nn.build_model(config, data.task_info(config.data), seed=config.seed)
-  model, info = train_model(
-      config, preset, compiler, log=log, before_training=lambda: plan_jobs(
-          plain, init, preset, batches, compiler, results, log))
+  plan = lambda: plan_jobs(plain, init, preset, batches, compiler, results,
+                           log)
+  if preset.steps:
+    model, info = train_model(config, preset, compiler, log=log,
+                              before_training=plan)
+  else:  # the untrained model: the harness alone (its CPU test)
+    model, info = init, dict(steps_done=0, train_s=0.0, losses=[],
+                             jobs=plan())
   jobs = info.pop("jobs")
   # Calibration traces on this thread: first let the background lowering
   # finish its queue (the jobs were queued last).
@@ -328,23 +335,31 @@ def run(get_config: Callable[[str], Any], preset: Preset, out_dir: str, *,
       compiler.get(((job.name, job.gen.max_len), which))
   learned = _calibrate(learns, model, preset, results, log)
   late = plan_jobs(learned, model, preset, batches, compiler, results, log)
-  run_jobs(jobs, model, results, log)
-  run_jobs(late, model, results, log)
+  os.makedirs(out_dir, exist_ok=True)
+
+  def save():  # after every job: a run cut short keeps what it measured
+    out = dict(
+        lengths=list(preset.eval_lengths),
+        preset=dataclasses.asdict(preset),
+        device=jax.devices()[0].device_kind, jax_version=jax.__version__,
+        train=info, examples_per_length=preset.eval_examples,
+        value_len=VALUE_LEN,
+        methods={n: {k: v for k, v in r.items() if k != "_method"}
+                 for n, r in results.items()},
+        compile_seconds={"/".join(map(str, k)): v
+                         for k, v in compiler.seconds.items()},
+        seconds=time.perf_counter() - start)
+    compare.save_json(out, os.path.join(out_dir, JSON_NAME))
+    return out
+
+  run_jobs(jobs, model, results, log, save)
+  run_jobs(late, model, results, log, save)
   compiler.close()
   for r in results.values():
     method = r.pop("_method", None)
     if method is not None and getattr(method, "channels", None) is not None:
       r["channels"] = [np.asarray(c).tolist() for c in method.channels]
-  out = dict(
-      lengths=list(preset.eval_lengths), preset=dataclasses.asdict(preset),
-      device=jax.devices()[0].device_kind, jax_version=jax.__version__,
-      train=info, examples_per_length=preset.eval_examples,
-      value_len=VALUE_LEN, methods=results,
-      compile_seconds={"/".join(map(str, k)): v
-                       for k, v in compiler.seconds.items()},
-      seconds=time.perf_counter() - start)
-  os.makedirs(out_dir, exist_ok=True)
-  compare.save_json(out, os.path.join(out_dir, JSON_NAME))
+  out = save()
   from sparsejax.inference import selection_plots  # pylint: disable=g-import-not-at-top
   selection_plots.accuracy(out, os.path.join(out_dir, "decode_accuracy.png"))
   log(format_table(out))

@@ -23,6 +23,7 @@ Decode is inference-only: there is no backward.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from sparsejax.block_sparse import block_math
 from sparsejax.inference.implementations import DECODE
 from sparsejax.inference.paged_cache import VisitList
+from sparsejax.parallel import per_shard
 
 
 def list_geometry(q, k_pages, lists: VisitList):
@@ -183,4 +185,9 @@ def paged_decode_attention(q, k_pages, v_pages, lists: VisitList, *,
   if chosen.supports_interpret:  # the Pallas kernels
     kw.update(interpret=interpret, tuning=tuning)
     lists = expand_lists(lists, hg)
-  return fn(q, k_pages, v_pages, lists, **kw)
+  # Per (batch, head) shard under a device mesh (sparsejax.parallel): the
+  # pool splits over kv heads with its q heads; page ids index the whole
+  # pool (its page axis is never split).
+  return per_shard(functools.partial(fn, **kw), ("bh", "h", "h", "bh"),
+                   ("bh", "bh") if return_scores else "bh",
+                   "paged_decode_attention")(q, k_pages, v_pages, lists)

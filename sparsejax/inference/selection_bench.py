@@ -16,15 +16,21 @@ the budgeted size). Contenders:
   moa             MoA's compacted per-head cache with a given plan
 
 plus, for the selection methods, the selection alone ("..._select") and the
-attention over precomputed lists ("..._attend"). Timing is
-`bench.pipelined_us` (compile, warm-up, `inner` calls back to back and one
-sync, median of `repeats`), the convention of benchmarks/decode/. Bytes read
-per step count K/V and metadata only (not q, lists or outputs).
+attention over precomputed lists ("..._attend"), and Quest at a second page
+size: these "extra" rows run after the main ones. Every contender of a wave
+(the tuning sweep, the main rows of every length, the extras) compiles
+ahead of time in parallel (`aot.Compiler`); timing starts once the wave is
+compiled, so no compile competes with a timed dispatch. Timing is
+`bench.pipelined_us` (warm-up, `inner` calls back to back and one sync,
+median of `repeats`), the convention of benchmarks/decode/. Bytes read per
+step count K/V and metadata only (not q, lists or outputs). With a budget,
+no case starts past it: a run cut short returns what it timed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -40,6 +46,7 @@ from sparsejax.inference import quest
 from sparsejax.inference import tidal
 from sparsejax.inference.paged_cache import PagedKVCache, token_view
 from sparsejax.inference.paged_decode import paged_decode_attention
+from sparsejax.training import aot
 
 # Contender names, for --include (prefix match).
 NAMES = ("cudnn", "dense_xla", "paged_dense", "quest", "double_sparsity",
@@ -82,9 +89,17 @@ def random_cache(s: Setup, length: int, key, *, page_bounds=False,
                  channels=None) -> PagedKVCache:
   """A full cache (every sequence at `length`) with random pages in random
   pool order."""
-  cache = jax.eval_shape(lambda: PagedKVCache.create(
+  if channels is not None:
+    channels = tuple(map(tuple, np.asarray(channels).tolist()))
+  return _random_cache(key, s, length, page_bounds, channels)
+
+
+# One jit per cache shape: eager draws would compile op by op.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _random_cache(key, s: Setup, length, page_bounds, channels):
+  cache = PagedKVCache.create(
       s.batch, length, s.kv_heads, s.head_dim, s.jdtype,
-      page_size=s.page_size, page_bounds=page_bounds, channels=channels))
+      page_size=s.page_size, page_bounds=page_bounds, channels=channels)
   ks = jax.random.split(key, 6)
   rnd = lambda k, x: jax.random.normal(k, x.shape, x.dtype)
   npool = cache.k_pages.shape[1]
@@ -104,10 +119,11 @@ def random_cache(s: Setup, length: int, key, *, page_bounds=False,
   return PagedKVCache(**fields)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def random_moa_cache(s: Setup, length: int, key) -> moa.MoAKVCache:
   spans = moa.MoASpans(tuple(0.0 for _ in s.moa_betas), s.moa_betas)
-  shape = jax.eval_shape(lambda: moa.MoAKVCache.create(
-      s.batch, length, s.kv_heads, s.head_dim, s.jdtype, spans))
+  shape = moa.MoAKVCache.create(s.batch, length, s.kv_heads, s.head_dim,
+                                s.jdtype, spans)
   k1, k2 = jax.random.split(key)
   return dataclasses.replace(
       shape, k=jax.random.normal(k1, shape.k.shape, s.jdtype),
@@ -124,12 +140,27 @@ def _kv_bytes(s: Setup, tokens_per_head) -> int:
 
 @dataclasses.dataclass
 class Case:
+  """One contender. `fn` is a jax.jit; `args` its arguments, or with
+  `inputs` their shapes (the real ones come from an earlier case at timing
+  time, e.g. a selection's lists)."""
   name: str
   fn: Callable
   args: tuple
   read_bytes: int
   selected_fraction: float  # of the dense tokens the attention reads
   extra: dict = dataclasses.field(default_factory=dict)
+  inputs: Optional[Callable[[], tuple]] = None
+  main: bool = True  # False: a breakdown row, timed after the main ones
+  # out -> the array that must equal the dense reference's output
+  dense_out: Optional[Callable] = None
+
+  def call_args(self) -> tuple:
+    return self.args if self.inputs is None else self.inputs()
+
+
+def _after(case: Case, pick=lambda out: out):
+  """inputs() of a case fed by `case`'s output (its compiled fn by then)."""
+  return lambda: pick(case.fn(*case.call_args()))
 
 
 def _kw(s: Setup, tuning=None):
@@ -144,14 +175,15 @@ def cases(s: Setup, length: int, key, *, tuning=None,
                                              for i in include)
   out = []
   dense_bytes = _kv_bytes(s, length)
-  q = jax.random.normal(jax.random.fold_in(key, 1),
-                        (s.batch, s.heads, s.head_dim), s.jdtype)
+  q = jax.jit(lambda key: jax.random.normal(
+      jax.random.fold_in(key, 1), (s.batch, s.heads, s.head_dim),
+      s.jdtype))(key)
   kw = _kw(s, tuning)
   r = max(1, round(s.head_dim * s.ds_fraction))
   cache = random_cache(s, length, key, page_bounds=True,
                        channels=np.tile(np.arange(r), (s.kv_heads, 1)))
   if want(s.dense_ref):
-    k, v = cache.dense_kv()
+    k, v = jax.jit(lambda c: c.dense_kv())(cache)
     impl = bench.DENSE_IMPLS[s.dense_ref]
     out.append(Case(s.dense_ref, jax.jit(
         lambda q, k, v: jax.nn.dot_product_attention(
@@ -161,14 +193,15 @@ def cases(s: Setup, length: int, key, *, tuning=None,
     out.append(Case("paged_dense", jax.jit(
         lambda q, c: paged_decode_attention(q, c.k_pages, c.v_pages,
                                             c.dense_lists(), **kw)),
-                    (q, cache), dense_bytes, 1.0))
+                    (q, cache), dense_bytes, 1.0, dense_out=lambda o: o))
   if want("quest"):
     for page in s.quest_pages:
       qc = cache if page == s.page_size else random_cache(
           dataclasses.replace(s, page_size=page), length, key,
           page_bounds=True)
       out += _quest_cases(s, length, q, qc, kw,
-                          "quest" if page == s.page_size else f"quest_p{page}")
+                          "quest" if page == s.page_size else f"quest_p{page}",
+                          main=page == s.page_size)
   if want("double_sparsity"):
     budget = math.ceil(length * s.ds_fraction)
     labels = s.batch * s.kv_heads * length * r * s.item
@@ -179,29 +212,35 @@ def cases(s: Setup, length: int, key, *, tuning=None,
                     dict(label_bytes=labels, channels=r, tokens=budget)))
     select = jax.jit(lambda q, c: double_sparsity.select_tokens(
         q, c.labels, c.channels, c.lengths, token_budget=budget))
-    out.append(Case("double_sparsity_select", select, (q, cache), labels,
-                    0.0))
-    pos, counts = select(q, cache)
+    sel = Case("double_sparsity_select", select, (q, cache), labels, 0.0,
+               main=False)
+    out.append(sel)
     out.append(Case("double_sparsity_attend", jax.jit(
         lambda q, c, p, n: paged_decode_attention(
             q, token_view(c.k_pages), token_view(c.v_pages),
-            c.token_lists(p, n), **kw)), (q, cache, pos, counts),
-                    _kv_bytes(s, budget), budget / length))
+            c.token_lists(p, n), **kw)),
+                    (q, cache, *jax.eval_shape(select, q, cache)),
+                    _kv_bytes(s, budget), budget / length,
+                    inputs=_after(sel, lambda o: (q, cache, *o)),
+                    main=False))
   if want("tidal"):
     for k_tok in s.tidal_budgets:
       sel = jax.jit(lambda q, c, k_tok=k_tok: tidal.tidal_select(
           q, c, token_budget=k_tok, **kw))
       scores_bytes = s.batch * s.kv_heads * length * 4
-      out.append(Case(f"tidal_select_{k_tok}", sel, (q, cache),
-                      dense_bytes + scores_bytes, 1.0))
-      _, pos, cnt = sel(q, cache)
+      select = Case(f"tidal_select_{k_tok}", sel, (q, cache),
+                    dense_bytes + scores_bytes, 1.0,
+                    dense_out=lambda o: o[0])
+      out.append(select)
+      _, pos, cnt = jax.eval_shape(sel, q, cache)
       out.append(Case(f"tidal_reuse_{k_tok}", jax.jit(
           lambda q, c, p, n: tidal.tidal_reuse(q, c, p, n, **kw)),
                       (q, cache, pos, cnt), _kv_bytes(s, k_tok),
-                      k_tok / length))
+                      k_tok / length,
+                      inputs=_after(select, lambda o: (q, cache, *o[1:]))))
   if want("moa"):
     mc = random_moa_cache(s, length, key)
-    held = float(np.asarray(mc.held_tokens()).mean())
+    held = float(np.asarray(jax.jit(lambda c: c.held_tokens())(mc)).mean())
     out.append(Case("moa", jax.jit(lambda q, c: moa.moa_decode(q, c, **kw)),
                     (q, mc), _kv_bytes(s, held), held / length,
                     dict(capacity=mc.capacity,
@@ -209,7 +248,7 @@ def cases(s: Setup, length: int, key, *, tuning=None,
   return out
 
 
-def _quest_cases(s: Setup, length, q, cache, kw, name):
+def _quest_cases(s: Setup, length, q, cache, kw, name, main):
   """Quest end to end, its selection alone and the attention alone."""
   page, budget = cache.page_size, s.quest_budget
   meta = int(2 * s.batch * s.kv_heads * (length // page) * s.head_dim *
@@ -217,82 +256,144 @@ def _quest_cases(s: Setup, length, q, cache, kw, name):
   full = Case(name, jax.jit(lambda q, c: quest.quest_decode(
       q, c, token_budget=budget, **kw)), (q, cache),
               meta + _kv_bytes(s, budget), budget / length,
-              dict(metadata_bytes=meta, page_size=page))
+              dict(metadata_bytes=meta, page_size=page), main=main)
   select = jax.jit(lambda q, c: quest.select_pages(
       q, c.page_min, c.page_max, c.lengths, page_size=page,
       token_budget=budget))
-  logical, counts = select(q, cache)
+  sel = Case(f"{name}_select", select, (q, cache), meta, 0.0, main=False)
   attend = jax.jit(lambda q, c, lg, n: paged_decode_attention(
       q, c.k_pages, c.v_pages, c.page_lists(lg, n), **kw))
-  return [full, Case(f"{name}_select", select, (q, cache), meta, 0.0),
-          Case(f"{name}_attend", attend, (q, cache, logical, counts),
-               _kv_bytes(s, budget), budget / length)]
+  return [full, sel,
+          Case(f"{name}_attend", attend,
+               (q, cache, *jax.eval_shape(select, q, cache)),
+               _kv_bytes(s, budget), budget / length,
+               inputs=_after(sel, lambda o: (q, cache, *o)), main=False)]
 
 
 def time_case(case: Case, *, warmup=3, repeats=20, inner=10) -> dict:
   t0 = time.perf_counter()
-  us = bench.pipelined_us(case.fn, case.args, warmup, repeats, inner)
+  us = bench.pipelined_us(case.fn, case.call_args(), warmup, repeats, inner)
   return dict(name=case.name, us_per_step=us, read_bytes=case.read_bytes,
               read_tb_per_s=case.read_bytes / us * 1e-6,
               selected_fraction=case.selected_fraction,
               wall_s=time.perf_counter() - t0, **case.extra)
 
 
-def tune_dense(s: Setup, length: int, key, tunings, *, log=print, **tk):
-  """Times paged_dense under each TuningConfig; rows, best first."""
-  rows = []
-  for t in tunings:
-    desc = dataclasses.asdict(t) if t is not None else None
+class _Clock:
+  """The run's budget: no case starts after `budget_s`."""
+
+  def __init__(self, budget_s: Optional[float]):
+    self.end = math.inf if budget_s is None else time.monotonic() + budget_s
+
+  def out(self) -> bool:
+    return time.monotonic() > self.end
+
+
+def _time_wave(wave, compiler, clock, log, tk, *, dense=None):
+  """Compiles the wave's (key, case) pairs in parallel, then times them in
+  order; dense: {length: output of the dense reference} for the checks.
+  Rows (with `key`'s length) as they come; errors are rows. Out of time,
+  nothing more is compiled, waited for or timed (those rows say so)."""
+  if not clock.out():
+    for key, case in wave:
+      compiler.submit(key, case.fn, *case.args)
+  for key, case in wave:  # every compile done before the first timing
+    if clock.out():
+      break
     try:
-      (case,) = cases(s, length, key, tuning=t, include=["paged_dense"])
-      row = time_case(case, **tk)
-    except Exception as e:  # pylint: disable=broad-except
-      row = dict(name="paged_dense",
-                 error=f"{type(e).__name__}: {str(e)[:200]}")
-    row.update(tuning=desc, tuning_index=len(rows), length=length)
+      compiler.get(key)
+    except Exception:  # pylint: disable=broad-except
+      pass  # its row reports it
+  rows = []
+  for key, case in wave:
+    length = key[0]
+    if clock.out():
+      row = dict(name=case.name, length=length, error=_SKIPPED)
+    else:
+      try:
+        case.fn = compiler.get(key)
+        row = dict(time_case(case, **tk), length=length)
+        if dense is not None and case.name in _DENSE_REFS:
+          dense[length] = case.fn(*case.call_args())
+        elif dense and length in dense and case.dense_out is not None:
+          got = case.dense_out(case.fn(*case.call_args()))
+          row["max_abs_err_vs_dense"] = float(jnp.abs(
+              got.astype(jnp.float32) -
+              dense[length].astype(jnp.float32)).max())
+      except Exception as e:  # pylint: disable=broad-except
+        row = dict(name=case.name, length=length,
+                   error=f"{type(e).__name__}: {str(e)[:300]}")
     log(row)
     rows.append(row)
+  return rows
+
+
+_DENSE_REFS = tuple(bench.DENSE_IMPLS)
+_SKIPPED = "skipped: out of time"
+
+
+def tune_dense(s: Setup, length: int, key, tunings, *, compiler=None,
+               clock=None, log=print, **tk):
+  """Times paged_dense under each TuningConfig; rows, best first."""
+  compiler = compiler or aot.Compiler()
+  wave, rows = [], []
+  for i, t in enumerate(tunings):
+    try:
+      (case,) = cases(s, length, key, tuning=t, include=["paged_dense"])
+      wave.append(((length, "tune", i), case))
+    except Exception as e:  # pylint: disable=broad-except
+      rows.append(dict(name="paged_dense", length=length, tuning_index=i,
+                       error=f"{type(e).__name__}: {str(e)[:200]}"))
+  timed = _time_wave(wave, compiler, clock or _Clock(None), lambda r: None,
+                     tk)
+  for (k, _), row in zip(wave, timed):
+    row["tuning_index"] = k[2]
+    rows.append(row)
+  for row in rows:
+    t = tunings[row["tuning_index"]]
+    row["tuning"] = dataclasses.asdict(t) if t is not None else None
+    log(row)
   return sorted(rows, key=lambda r: r.get("us_per_step", float("inf")))
 
 
 def run(s: Setup, lengths: Sequence[int], *, tunings=(None,),
-        include=None, log=print, check=True, **tk) -> Dict:
+        include=None, log=print, check=True, budget_s=None, **tk) -> Dict:
   """{'rows': [...], 'tuning': [...]} over lengths; paged_dense is tuned at
-  the first length and every kernel then runs with the best tuning."""
-  key = jax.random.key(0)
+  the first length and every kernel then runs with the best tuning. Waves:
+  the tuning sweep, the main rows of every length, then the extras."""
+  clock = _Clock(budget_s)
+  compiler = aot.Compiler()
+  # RBG: the contents do not matter, and its draws compile in a fraction of
+  # threefry's time (seconds per cache shape on CPU).
+  key = jax.random.key(0, impl="rbg")
   tune_rows = []
   best = None
   if len(tunings) > 1:
-    tune_rows = tune_dense(s, lengths[0], key, tunings, log=log, **tk)
+    tune_rows = tune_dense(s, lengths[0], key, tunings, compiler=compiler,
+                           clock=clock, log=log, **tk)
     ok = [r for r in tune_rows if "us_per_step" in r]
     best = tunings[ok[0]["tuning_index"]] if ok else None
-  rows = []
+  built = []
   for length in lengths:
-    got = {}
     try:
-      built = cases(s, length, jax.random.fold_in(key, length), tuning=best,
-                    include=include)
+      built += [((length, c.name), c) for c in cases(
+          s, length, jax.random.fold_in(key, length), tuning=best,
+          include=include)]
     except Exception as e:  # pylint: disable=broad-except
       log(f"length {length}: building the cases FAILED {e}")
-      continue
-    for case in built:
-      try:
-        row = dict(time_case(case, **tk), length=length)
-        got[case.name] = case
-        if check and case.name == "paged_dense" and s.dense_ref in got:
-          ref = got[s.dense_ref]
-          row["max_abs_err_vs_cudnn"] = float(jnp.abs(
-              case.fn(*case.args).astype(jnp.float32) -
-              ref.fn(*ref.args).astype(jnp.float32)).max())
-      except Exception as e:  # pylint: disable=broad-except
-        row = dict(name=case.name, length=length,
-                   error=f"{type(e).__name__}: {str(e)[:300]}")
-      log(row)
-      rows.append(row)
-    del built, got
+  dense = {} if check else None
+  rows = []
+  for main in (True, False):
+    rows += _time_wave([kc for kc in built if kc[1].main == main], compiler,
+                       clock, log, tk, dense=dense)
+  cut_short = clock.out()
+  if not cut_short:  # (else compiles may still run: the caller may exit)
+    compiler.close()
+  del built, dense
   add_derived(rows, s)
   return dict(rows=rows, tuning=tune_rows, best_tuning=(
-      dataclasses.asdict(best) if best is not None else None))
+      dataclasses.asdict(best) if best is not None else None),
+              cut_short=cut_short)
 
 
 def add_derived(rows: List[dict], s: Setup) -> None:

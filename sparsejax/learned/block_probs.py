@@ -33,6 +33,7 @@ from sparsejax.block_sparse.block_mask import next_power_of_2
 from sparsejax.learned import reference
 from sparsejax.learned.implementations import PROBS_REGISTRY
 from sparsejax.learned.probs_math import ProbsConfig
+from sparsejax.parallel import per_shard
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -111,7 +112,10 @@ def block_attention_probs(q, k, *, block_size: int = 64, causal: bool = True,
     qp, kp = _pad_dim(qp, next_power_of_2(d)), _pad_dim(kp, next_power_of_2(d))
   cfg = ProbsConfig(block=block_size, q_len=lq, kv_len=lk, causal=causal,
                     scale=scale, interpret=interpret, tuning=tuning)
-  pooled = _pooled_vjp(implementation.name)(qp, kp, cfg)
+  vjp = _pooled_vjp(implementation.name)
+  # Per (batch, head) shard under a device mesh (sparsejax.parallel).
+  pooled = per_shard(lambda q, k: vjp(q, k, cfg), ("b.h.", "b.h."), "bh",
+                     "block_attention_probs")(qp, kp)
   if normalize:
     z = pooled.sum(-1, keepdims=True)
     pooled = pooled / jnp.where(z > 0, z, 1.0)

@@ -3,6 +3,7 @@ points over every implementation (see implementations.py)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.linear.implementations import DECODE_REGISTRY, REGISTRY
+from sparsejax.parallel import per_shard
 
 _DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16,
                                 jnp.float64)))
@@ -121,10 +123,12 @@ def lightning_attention(q, k, v, slopes, *, scale: float = 1.0,
   _check_impl(impl, REGISTRY)
   implementation = REGISTRY.resolve(
       impl, interpret, problem=(q.dtype, d, e, chunk_size, bool(interpret)))
-  o, final = implementation.load()(
-      q, k, v, slopes, initial_state, scale=scale, chunk_size=chunk_size,
+  # Per (batch, head) shard under a device mesh (sparsejax.parallel).
+  o, final = per_shard(functools.partial(
+      implementation.load(), scale=scale, chunk_size=chunk_size,
       return_final_state=return_final_state, interpret=interpret,
-      tuning=tuning)
+      tuning=tuning), ("b.h.", "b.h.", "b.h.", "h", "bh"), ("b.h.", "bh"),
+                       "lightning_attention")(q, k, v, slopes, initial_state)
   o = o.astype(q.dtype)
   if not return_final_state:
     return o
@@ -167,6 +171,8 @@ def lightning_decode(q, k, v, state, slopes, *, scale: float = 1.0,
   _check_impl(impl, DECODE_REGISTRY)
   implementation = DECODE_REGISTRY.resolve(impl, interpret,
                                            problem=(q.dtype, d, e))
-  o, new = implementation.load()(q, k, v, state, slopes, scale=scale,
-                                 interpret=interpret, tuning=tuning)
+  o, new = per_shard(functools.partial(
+      implementation.load(), scale=scale, interpret=interpret,
+      tuning=tuning), ("bh", "bh", "bh", "bh", "h"), ("bh", "bh"),
+                     "lightning_decode")(q, k, v, state, slopes)
   return o.astype(q.dtype), new.astype(state.dtype)

@@ -14,6 +14,7 @@ from sparsejax.lowrank import checks
 from sparsejax.lowrank import reference
 from sparsejax.lowrank.implementations import FEATURE_PAD, REGISTRY
 from sparsejax.lowrank.vjp import Config
+from sparsejax.parallel.block_sparse import per_shard_with_mask_fn
 
 
 # Jitted: the dense reference is ~100 ops, slow to dispatch one by one.
@@ -123,5 +124,9 @@ def scatterbrain_attention(q, k, v, mask: Optional[BlockMask], projection, *,
                mask_fn=mask.kernel_mask_fn, scale=scale, causal=causal,
                num_features=m, feature_pad=pad_features(m, interpret),
                interpret=interpret, tuning=tuning)
-  out = implementation.load()(qp, kp, vp, wp, lists, cfg)
+  # Per (batch, head) shard under a device mesh (sparsejax.parallel).
+  out = per_shard_with_mask_fn(
+      implementation.load(), (qp, kp, vp, wp, lists),
+      ("b.h.", "b.h.", "b.h.", "", "bh"), "b.h.", cfg, batch=b, heads=h,
+      name="scatterbrain_attention")
   return out[:, :lq, :, :d]

@@ -12,11 +12,15 @@ the BlockMask, segment ids, score-mod params, StaticConfig) and
     batch or head index gets each shard's offsets (offsets.py);
   * with a `context` axis that divides the sequence into whole blocks: the
     ring of context_parallel.py, queries local, K/V passed around.
+
+`per_shard_with_mask_fn` does the batch/head part for other ops whose
+static config carries a BlockMask's mask function (Scatterbrain).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Sequence
 
 from sparsejax.block_sparse import segments as segments_lib
 from sparsejax.block_sparse.block_mask import broadcast_lists
@@ -59,9 +63,36 @@ def run(fn: Callable, q, k, v, mask, segs, params, cfg) -> Any:
 
   def local(q, k, v, mask, segs, params):
     lists = lists_for(mask, segs, q.shape[0], q.shape[2])
-    index = ((plan.index("b") if nb > 1 else 0) * nh +
-             (plan.index("h") if nh > 1 else 0))
-    return offsets_lib.switch(
-        index, variants, lambda c: fn(q, k, v, lists, params, c))
+    return offsets_lib.switch(_variant_index(plan, nb, nh), variants,
+                              lambda c: fn(q, k, v, lists, params, c))
 
   return plan.run(local, args, layouts, (_QKV, _LSE))
+
+
+def _variant_index(plan, nb: int, nh: int):
+  return ((plan.index("b") if nb > 1 else 0) * nh +
+          (plan.index("h") if nh > 1 else 0))
+
+
+def per_shard_with_mask_fn(fn: Callable, args: Sequence[Any],
+                           in_layouts: Sequence[str], out_layouts, cfg, *,
+                           batch: int, heads: int, name: str):
+  """fn(*args, cfg) per (batch, head) shard under the mesh in context, with
+  cfg.mask_fn seeing global (b, h) on every shard (offsets.py); fn(*args,
+  cfg) itself with no mesh."""
+  plan = shard.make_plan(args, in_layouts, name=name)
+  if plan is None:
+    return fn(*args, cfg)
+  nb, nh = plan.count("b"), plan.count("h")
+  bl, hl = batch // nb, heads // nh
+  used = offsets_lib.coords_used(cfg.mask_fn)
+  nb, nh = (nb if "b" in used else 1), (nh if "h" in used else 1)
+  variants = [dataclasses.replace(cfg, mask_fn=offsets_lib.shift_mask_fn(
+      cfg.mask_fn, (i * bl, j * hl, 0, 0)))
+              for i in range(nb) for j in range(nh)]
+
+  def local(*local_args):
+    return offsets_lib.switch(_variant_index(plan, nb, nh), variants,
+                              lambda c: fn(*local_args, c))
+
+  return plan.run(local, args, in_layouts, out_layouts)

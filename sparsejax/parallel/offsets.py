@@ -264,8 +264,12 @@ def shift_score_mod(mod, offsets: Offsets, global_bh, local_bh):
   """The mod at global coordinates (mod itself at zero offsets)."""
   if mod is None:
     return None
-  offsets = relevant(offsets, coords_used(mod, is_mod=True))
-  if not any(offsets):
+  used = coords_used(mod, is_mod=True)
+  offsets = relevant(offsets, used)
+  # A mod that reads b or h takes [B, H] statistics in the global frame,
+  # which the first shard (zero offsets) needs too.
+  reframe = bool({"b", "h"} & used) and tuple(global_bh) != tuple(local_bh)
+  if not any(offsets) and not reframe:
     return mod
   cls = (ShiftedModWithWeights if score_mods.has_stat_weights(mod)
          else ShiftedMod)

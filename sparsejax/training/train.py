@@ -45,6 +45,9 @@ class Experiment:
     sharding.maybe_initialize_distributed()
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, devices)
+    if self.mesh.size > 1:  # say where the kernels run per shard
+      logging.warning("mesh %s on %d %s devices", dict(self.mesh.shape),
+                      self.mesh.size, self.mesh.devices.flat[0].platform)
     self.info = data.task_info(config.data)
     self.task = tasks.get_task(self.info["kind"])
     model = nn.build_model(config, self.info, seed=config.seed)

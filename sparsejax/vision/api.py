@@ -11,10 +11,12 @@ f32 whatever the input dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Tuple, Union
 
 import jax.numpy as jnp
 
+from sparsejax.parallel import per_shard
 from sparsejax.vision import implementations as impls
 from sparsejax.vision import natten
 from sparsejax.vision import permute
@@ -61,8 +63,13 @@ def _windowed(q, k, v, layout, rel_bias, scale, impl, interpret, tuning):
   implementation = impls.WINDOW.resolve(
       impl, interpret, problem=(q.dtype, d, layout.tokens,
                                 rel_bias is not None))
-  return implementation.load()(q, k, v, layout, rel_bias, _scale(scale, d),
-                               interpret, tuning)
+  run = functools.partial(implementation.load(), layout=layout,
+                          scale=_scale(scale, d), interpret=interpret,
+                          tuning=tuning)
+  # Per (batch, head) shard under a device mesh (sparsejax.parallel).
+  return per_shard(lambda q, k, v, table: run(q, k, v, table=table),
+                   ("b..h.",) * 3 + ("h",), "b..h.", "window_attention")(
+                       q, k, v, rel_bias)
 
 
 def block_attention(q, k, v, window: Pair, *, rel_bias=None,

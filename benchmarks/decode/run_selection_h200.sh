@@ -7,13 +7,13 @@
 # Steps, in priority order; each runs under timeout, capped by what is left
 # of the budget, and a step that no longer fits is skipped:
 # 1. peers: torch SDPA GQA decode (default dispatch and each backend)
-# 2. selection: decode us/step at 32K and 128K (batch 8, 32 q / 8 kv heads,
+# 2. gpu_tests: the paged kernel's GPU test class (needs >= 25 s left)
+# 3. selection (capped by SEL_S if set): decode us/step at 32K and 128K (batch 8, 32 q / 8 kv heads,
 #    d128, bf16): cuDNN dense, the paged kernel (tuning sweep at 32K),
 #    Quest 2K, Double Sparsity 1/16, TidalDecode 128 / 2K, MoA, with bytes
 #    read; then the breakdown rows (selection alone, attention alone, Quest
 #    at pages of 32). Each wave compiles in parallel before it is timed;
 #    rows are written as they come, and no case starts past the budget.
-# 3. gpu_tests: the paged kernel's GPU test class (needs >= 25 s left)
 # 4. accuracy: a needle LM trained for up to 40 s, needle exact match and
 #    answer NLL at 8K-32K per method (needs >= 70 s left: not within the
 #    default budget after steps 1-2; its JSON is rewritten after every job)
@@ -23,7 +23,7 @@ out=${1:?usage: run_selection_h200.sh OUTDIR}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 smoke=${SMOKE:-0}
-steps=" ${STEPS:-peers selection gpu_tests accuracy} "
+steps=" ${STEPS:-peers gpu_tests selection accuracy} "
 if [ "$smoke" = 1 ]; then budget=${BUDGET_S:-1500}; else budget=${BUDGET_S:-100}; fi
 deadline=$((SECONDS + budget))
 left() { echo $((deadline - SECONDS)); }
@@ -51,12 +51,13 @@ else
 fi
 step peers 25 10 python3 benchmarks/decode/peer_sdpa_decode.py --lengths 32768 131072 \
   --out "$out/peers.json"
+step gpu_tests 40 25 python3 -m pytest tests/test_decode_paged.py -k Gpu -q \
+  -p no:cacheprovider
 # No new case starts within 8 s of its timeout (the last timing, outputs).
-l=$(left)
+# SEL_S caps the selection step (default: what is left) so accuracy can run.
+l=$(left); [ -n "${SEL_S:-}" ] && [ "$SEL_S" -lt "$l" ] && l=$SEL_S
 step selection "$l" 20 python3 -m experiments.bench_selection "${sel[@]}" --tune \
   --budget_s=$((l - 8)) --peers="$out/peers.json" --out_dir="$out/selection"
-step gpu_tests 60 25 python3 -m pytest tests/test_decode_paged.py -k Gpu -q \
-  -p no:cacheprovider
 if [ "$smoke" != 1 ]; then  # training gets what ~50 s of start-up,
   # compiles and evaluation leave, at most 40 s
   t=$(( $(left) - 50 )); [ "$t" -gt 40 ] && t=40; acc+=(--train_seconds="$t")

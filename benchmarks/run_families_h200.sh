@@ -5,7 +5,8 @@
 # e.g.  bash benchmarks/run_families_h200.sh $OUT linear::120 core:run_mosaic_h200.sh:90
 # `seconds` caps a family's script (what it wrote before the cap comes back);
 # `args` (comma-separated) follow OUTDIR on its command line.
-# Installs the carried wheels (.whl: ml_collections, grain, tfds, fla-core),
+# Installs the carried wheels (.whl, made by benchmarks/fetch_wheels.sh: ml_collections,
+# grain, tfds, fla-core and their dependencies),
 # runs each family script into OUTDIR/<family>, and packs each into
 # OUTDIR/<family>.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail

@@ -3,10 +3,10 @@
 # (a deadline caps every step, most important first).
 #   bash benchmarks/vision/run_h200.sh OUTDIR
 # 1. GPU test classes (window kernel, NA with the fused bias and routing through
-# the core), 2. sj.vision: MaxViT-T stages (fused permutation and pre-partitioned,
-# fwd and fwd+bwd with the bias gradient, vs XLA einsum) and BiFormer stages
-# (time, compiled memory), 3. torch peers (timm SDPA + bias, FlexAttention
-# score_mod, BiFormer gather), 4. NA 1-D 32K / 2-D 256^2 / 128^2 vs cuDNN dense
+# the core), 2. sj.vision: BiFormer stages (time, compiled memory) and MaxViT-T
+# stages (fused permutation and pre-partitioned, fwd and fwd+bwd with the bias
+# gradient, vs XLA einsum), 3. torch peers (BiFormer gather, timm SDPA + bias,
+# FlexAttention score_mod), 4. NA 1-D 32K / 2-D 256^2 / 128^2 vs cuDNN dense
 # (with and without the token permutation) and the cost of the fused NA bias,
 # 5. BiFormer fwd+bwd device peak memory (one fresh process per stage), 6. NA
 # peers (FlexAttention, SDPA dense), 7. one merged report:
@@ -31,12 +31,16 @@ step() {  # step NAME SECONDS CMD...: timeout (capped by the deadline), log, car
 # --bias_impls=xla" bash benchmarks/vision/run_h200.sh /tmp/out (later flags win)
 bench="python3 -m experiments.bench_vision"
 x=${VISION_BENCH_FLAGS:-}
-step gpu_tests 50 python3 -m pytest tests/test_vision_impls.py -k Gpu -q -p no:cacheprovider
-step bench_maxvit_routing 55 $bench --parts=maxvit,routing --out_dir="$out/maxvit_routing" $x
+# xdist when there: the classes compile-bound (serially 50 s ran 13 of 17).
+par=""; python3 -c "import xdist" 2>/dev/null && par="-n 4"
+# shellcheck disable=SC2086
+step gpu_tests 50 python3 -m pytest tests/test_vision_impls.py -k Gpu -q -p no:cacheprovider $par
+# BiFormer first: runs 1 and 2 ran out of time inside MaxViT, before it.
+step bench_maxvit_routing 55 $bench --parts=routing,maxvit --out_dir="$out/maxvit_routing" $x
 # peer_variants.py writes its JSON at the end; the report reads the .log of a
 # step cut off by its timeout instead.
 peers="python3 .peer/peer_variants.py --cases"
-step peers_maxvit_biformer 40 $peers maxvit,biformer --out "$out/peers_maxvit_biformer.json"
+step peers_maxvit_biformer 40 $peers biformer,maxvit --out "$out/peers_maxvit_biformer.json"
 step bench_na 45 $bench --parts=na,na_bias --repeats=5 --out_dir="$out/na" $x
 step bench_memory 20 $bench --parts=routing_memory --na_impls=pallas_triton --case_timeout=15 \
   --out_dir="$out/memory" $x

@@ -20,7 +20,7 @@ t_tests=55; t_bench=90; deadline=55
 timeout $t_tests python3 -m pytest tests/test_lowrank_impls.py -k Gpu -q -p no:cacheprovider \
   2>&1 | grep -v Warn > "$out/gpu_tests.log"; tail -12 "$out/gpu_tests.log"
 timeout $t_bench python3 -m experiments.bench_scatterbrain \
-  --cases=bidir:8192:16:128,bidir:32768:16:128,bidir:131072:16:128,causal:32768:16:128,bidir:32768:32:64 \
+  --cases=bidir:8192:16:128,bidir:32768:16:128,causal:32768:16:128,bidir:131072:16:128,bidir:32768:32:64 \
   --impls=auto,block_sparse:auto,block_sparse:pallas_triton,cudnn --check=auto \
   --warmup=1 --repeats=5 --deadline=$deadline --out_dir="$out" 2>&1 | grep -v Warn > "$out/bench.log"
 tail -40 "$out/bench.log"

@@ -47,3 +47,13 @@ def test_failed_lowering_restores_it_and_raises_at_get():
 def test_switch_interval_is_validated():
   with pytest.raises(ValueError, match="switch_interval"):
     aot.Compiler(switch_interval=0.0)
+
+
+def test_submit_after_close_raises_and_leaves_it():
+  before = sys.getswitchinterval()
+  compiler = aot.Compiler()
+  compiler.close()
+  with pytest.raises(RuntimeError):
+    compiler.submit("h", jax.jit(lambda x: x),
+                    jax.ShapeDtypeStruct((3,), jnp.float32))
+  assert sys.getswitchinterval() == pytest.approx(before)

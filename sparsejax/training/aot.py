@@ -73,7 +73,13 @@ class Compiler:
     """Queues `jitted` for `args` (arrays or jax.ShapeDtypeStruct)."""
     if self._switch is not None:
       _SWITCH.enter(self._switch)
-    self._futures[key] = self._lower.submit(self._lower_one, key, jitted, args)
+    try:
+      self._futures[key] = self._lower.submit(self._lower_one, key, jitted,
+                                              args)
+    except BaseException:  # e.g. submitted after close(): nothing pending
+      if self._switch is not None:
+        _SWITCH.exit()
+      raise
 
   def _lower_one(self, key, jitted, args):
     try:

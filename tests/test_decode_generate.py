@@ -100,6 +100,38 @@ def test_moa_calibration_profiles_spans_under_the_budget():
   assert np.mean([s.density(32) for s in m.spans]) <= 0.5 + 1e-9
 
 
+def test_moa_influence_with_a_loss_mask_comes_from_the_masked_targets():
+  from sparsejax.inference import moa_profile  # pylint: disable=g-import-not-at-top
+  toks = jnp.asarray(TOKENS[:2, :17])
+  mask = np.zeros((2, 16), np.float32)
+  mask[:, 9] = 1.0  # the loss of target 9 only: queries <= 9 can matter
+  infl = moa_profile.layer_influence(MODEL, toks, mask)
+  for e in infl:
+    assert np.all(e[:, 10:] == 0.0) and np.abs(e[:, :10]).max() > 0
+  # All ones is the unmasked mean; the masked profile differs from it.
+  ones = moa_profile.layer_influence(MODEL, toks, np.ones((2, 16)))
+  plain = moa_profile.layer_influence(MODEL, toks)
+  for a, b, c in zip(ones, plain, infl):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    assert not np.allclose(c, b)
+  with pytest.raises(ValueError, match=r"loss_mask must be \[batch, length - 1\]"):
+    moa_profile.layer_influence(MODEL, toks, np.ones((2, 17)))
+  with pytest.raises(ValueError, match="not all zero"):
+    moa_profile.layer_influence(MODEL, toks, np.zeros((2, 16)))
+
+
+def test_moa_calibration_with_a_loss_mask_meets_the_budget():
+  mask = np.zeros((2, 32), np.float32)
+  mask[:, -2:] = 1.0  # answers at the end, as in the needle task
+  m = methods.get_method("moa", density_budget=0.5, min_span=8, block=8,
+                         sink_size=4).calibrate(MODEL, TOKENS[:2, :33], mask)
+  assert len(m.spans) == 2
+  assert np.mean([s.density(32) for s in m.spans]) <= 0.5 + 1e-9
+  with pytest.raises(ValueError, match="calib_loss_mask needs calib_tokens"):
+    generate.Generator(MODEL, "moa", batch=1, max_len=SEQ,
+                       calib_loss_mask=mask)
+
+
 def test_generator_rejects_bad_prompts_and_layer_variants():
   gen = generate.Generator(MODEL, "dense", batch=3, max_len=SEQ)
   with pytest.raises(ValueError, match="lengths must be"):

@@ -68,18 +68,23 @@ class Generator:
     batch, max_len: the caches' shape (max_len: prompt plus new tokens).
     calib_tokens: int [B', L'] calibration tokens, for methods that learn
       (Double Sparsity's channels, MoA's spans); ignored by the others.
+    calib_loss_mask: float [B', L' - 1] over calib_tokens[:, 1:]: the
+      tokens whose loss MoA profiles (the answers; None: all).
     **options: the method's options when `method` is a name.
   """
 
   def __init__(self, model, method: Union[str, methods_lib.DecodeMethod], *,
-               batch: int, max_len: int, calib_tokens=None, **options):
+               batch: int, max_len: int, calib_tokens=None,
+               calib_loss_mask=None, **options):
     lm_decode.check_model(model)
     if isinstance(method, str):
       method = methods_lib.get_method(method, **options)
     elif options:
       raise ValueError("options are for a method given by name")
     if calib_tokens is not None:
-      method = method.calibrate(model, calib_tokens)
+      method = method.calibrate(model, calib_tokens, calib_loss_mask)
+    elif calib_loss_mask is not None:
+      raise ValueError("calib_loss_mask needs calib_tokens")
     self.method, self.batch, self.max_len = method, int(batch), int(max_len)
     self._compiled = None
     self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = (

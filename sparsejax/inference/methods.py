@@ -91,8 +91,11 @@ class DecodeMethod:
 
   # -- calibration (default: nothing to learn) --------------------------------
 
-  def calibrate(self, model, tokens) -> "DecodeMethod":
-    del model, tokens
+  def calibrate(self, model, tokens, loss_mask=None) -> "DecodeMethod":
+    """Learns what the method needs from int tokens [B, L]; loss_mask
+    (float [B, L - 1] over the targets tokens[:, 1:]) marks the tokens whose
+    loss matters, for methods that profile a loss (MoA)."""
+    del model, tokens, loss_mask
     return self
 
   # -- per layer ----------------------------------------------------------------
@@ -168,7 +171,8 @@ class DoubleSparsity(DecodeMethod):
   per_head: bool = False
   channels: Optional[Tuple[Any, ...]] = None
 
-  def calibrate(self, model, tokens):
+  def calibrate(self, model, tokens, loss_mask=None):
+    del loss_mask  # the channel statistic is over all tokens, as DS's own
     if self.channels is not None:
       return self
     qk = lm_decode.capture_qk(model, jnp.asarray(tokens))
@@ -235,26 +239,44 @@ class Tidal(DecodeMethod):
 class MoA(DecodeMethod):
   """Per-head elastic spans (moa.py). `spans`: one MoASpans per layer, or
   None to profile them in `calibrate` under `density_budget` (at N =
-  max_len of the calibration's target, `target_len`)."""
+  max_len of the calibration's target, `target_len`). response_mask: the
+  profile's loss is on calibrate's loss_mask tokens when one is given (MoA's
+  `--response_mask`); False: on every token."""
   spans: Optional[Tuple[moa.MoASpans, ...]] = None
   density_budget: float = 0.25
   target_len: Optional[int] = None
   block: int = 64
   min_span: int = 128
   sink_size: int = 64
+  response_mask: bool = True
 
-  def calibrate(self, model, tokens):
+  def calibrate(self, model, tokens, loss_mask=None):
     if self.spans is not None:
       return self
+    if not isinstance(self.response_mask, bool):
+      raise TypeError(f"moa option response_mask must be a bool, got "
+                      f"{self.response_mask!r}")
+    if not self.response_mask:
+      loss_mask = None
     toks = np.asarray(tokens)
     template = moa.MoASpans((0.0,), (1.0,), self.min_span, self.block,
                             self.sink_size)
-    # Two profiling lengths, as MoA profiles at several (2K / 4K / 8K).
-    half = max(8, (toks.shape[1] - 1) // 2)
-    calib = {toks.shape[1] - 1: toks, half: toks[:, :half + 1]}
+    # Two profiling lengths, as MoA profiles at several (2K / 4K / 8K). With
+    # a loss mask (answers at the end) the short one is the suffix, which
+    # keeps the answers; without, the prefix.
+    n = toks.shape[1] - 1
+    half = max(8, n // 2)
+    calib, masks = {n: toks}, {}
+    if loss_mask is None:
+      calib[half] = toks[:, :half + 1]
+    else:
+      mask = np.asarray(loss_mask, np.float32)
+      calib[half] = toks[:, -(half + 1):]
+      masks = {n: mask, half: mask[:, -half:]}
     spans, _ = moa_profile.profile_spans(
-        model, calib, target_len=self.target_len or toks.shape[1] - 1,
-        density_budget=self.density_budget, template=template)
+        model, calib, target_len=self.target_len or n,
+        density_budget=self.density_budget, template=template,
+        loss_masks=masks)
     return dataclasses.replace(self, spans=tuple(spans))
 
   def _spans(self, layer):

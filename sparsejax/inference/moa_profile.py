@@ -43,12 +43,31 @@ def attention_influence(a, da):
   return -a * centred / denom
 
 
-def layer_influence(model, tokens) -> List[np.ndarray]:
+def _check_loss_mask(loss_mask, tokens):
+  if loss_mask is None:
+    return None
+  mask = np.asarray(loss_mask, np.float32)
+  want = (tokens.shape[0], tokens.shape[1] - 1)
+  if mask.shape != want:
+    raise ValueError(f"loss_mask must be [batch, length - 1] = {list(want)} "
+                     f"(one weight per target tokens[:, 1:]), got "
+                     f"{list(mask.shape)}")
+  if not np.all(np.isfinite(mask)) or mask.min() < 0 or mask.sum() <= 0:
+    raise ValueError("loss_mask must be finite, >= 0 and not all zero")
+  return jnp.asarray(mask)
+
+
+def layer_influence(model, tokens, loss_mask=None) -> List[np.ndarray]:
   """Per layer, influence summed over batch and each kv head's q heads:
-  float32 [Hkv, L, L] (causal; entry (i, j): query i, key j)."""
+  float32 [Hkv, L, L] (causal; entry (i, j): query i, key j).
+
+  loss_mask: float [B, L] over the targets tokens[:, 1:] (None: all). MoA
+  profiles with the loss on the model's answers only (`--response_mask`);
+  on retrieval data the filler's loss would otherwise drown the answer's."""
   lm_decode.check_model(model)
   n_layers, h, hkv, _ = lm_decode.dims(model)
   b, l = tokens.shape
+  mask = _check_loss_mask(loss_mask, tokens)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   zeros = [jnp.zeros((b, h, l - 1, l - 1), jnp.float32)
            for _ in range(n_layers)]
@@ -58,7 +77,8 @@ def layer_influence(model, tokens) -> List[np.ndarray]:
     x = lm_decode.forward(model, inputs,
                           lm_decode.probs_attend(deltas, probs))
     lp = jax.nn.log_softmax(lm_decode.logits(model, x), -1)
-    nll = -jnp.take_along_axis(lp, targets[..., None], -1).mean()
+    nll = -jnp.take_along_axis(lp, targets[..., None], -1)[..., 0]
+    nll = nll.mean() if mask is None else (nll * mask).sum() / mask.sum()
     return nll, probs
 
   grads, probs = jax.jit(jax.grad(loss_fn, has_aux=True))(zeros)
@@ -137,9 +157,11 @@ def profile_spans(model, calib_tokens: Dict[int, np.ndarray], *,
                   target_len: int, density_budget: float,
                   alphas: Sequence[float] = DEFAULT_ALPHAS,
                   betas: Sequence[float] = DEFAULT_BETAS,
-                  template: Optional[MoASpans] = None):
+                  template: Optional[MoASpans] = None,
+                  loss_masks: Optional[Dict[int, np.ndarray]] = None):
   """Per-layer spans for `model` from calibration token batches
-  {length: int32 [B, length + 1]} (the profiling lengths).
+  {length: int32 [B, length + 1]} (the profiling lengths), with the loss on
+  loss_masks[length] ([B, length], see `layer_influence`) where given.
 
   Returns (list of MoASpans per layer, info dict). Alphas are fractions of
   the longest profiling length (MoA's +-1024 tokens at 8K profiles).
@@ -148,8 +170,9 @@ def profile_spans(model, calib_tokens: Dict[int, np.ndarray], *,
   candidates = list(itertools.product(alphas, betas))
   total = None
   alpha_scale = float(max(calib_tokens))  # alpha: tokens, not a fraction
-  for _, toks in sorted(calib_tokens.items()):
-    infl = layer_influence(model, jnp.asarray(toks))
+  loss_masks = loss_masks or {}
+  for length, toks in sorted(calib_tokens.items()):
+    infl = layer_influence(model, jnp.asarray(toks), loss_masks.get(length))
     lost = candidate_losses(infl, candidates, template, alpha_scale)
     total = lost if total is None else total + lost
   return choose_spans(total, candidates, target_len=target_len,

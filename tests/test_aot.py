@@ -57,3 +57,21 @@ def test_submit_after_close_raises_and_leaves_it():
     compiler.submit("h", jax.jit(lambda x: x),
                     jax.ShapeDtypeStruct((3,), jnp.float32))
   assert sys.getswitchinterval() == pytest.approx(before)
+
+
+def test_work_clock_leaves_out_the_waits_in_get():
+  release = threading.Event()
+
+  def traced(x):
+    release.wait(30)
+    return x + 1
+
+  compiler = aot.Compiler()
+  clock = aot.WorkClock(compiler)
+  compiler.submit("w", jax.jit(traced), jax.ShapeDtypeStruct((3,), jnp.float32))
+  threading.Timer(0.3, release.set).start()
+  compiler.get("w")  # blocks until the lowering is released
+  compiler.close()
+  assert clock.waited >= 0.25
+  assert clock.seconds() == pytest.approx(clock.wall - clock.waited, abs=0.05)
+  assert clock.seconds() < 0.25

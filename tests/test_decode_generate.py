@@ -12,6 +12,7 @@ import pytest
 from sparsejax import nn
 from sparsejax.inference import generate
 from sparsejax.inference import methods
+from sparsejax.inference import moa_profile
 
 VOCAB, SEQ = 64, 64
 LENGTHS = np.array([40, 23, 9])
@@ -101,7 +102,6 @@ def test_moa_calibration_profiles_spans_under_the_budget():
 
 
 def test_moa_influence_with_a_loss_mask_comes_from_the_masked_targets():
-  from sparsejax.inference import moa_profile  # pylint: disable=g-import-not-at-top
   toks = jnp.asarray(TOKENS[:2, :17])
   mask = np.zeros((2, 16), np.float32)
   mask[:, 9] = 1.0  # the loss of target 9 only: queries <= 9 can matter

@@ -389,22 +389,18 @@ def _train(models, npreset, compiler, deadline, preset):
   """Lockstep training (needle_long's schedule) until steps or deadline."""
   schedule = needle_long.length_schedule(npreset)
   losses = {m.name: [] for m in models}
-  pending, done, stopped, waited = [], 0, None, 0.0
-  t0 = time.perf_counter()
-  # The budget is training time: waits for a length's compiles (they run
-  # beside the evaluation compiles and vary with the host) do not count.
+  pending, done, stopped = [], 0, None
+  clock = aot.WorkClock(compiler)  # compile waits do not count
   budget = deadline - time.time()
   try:
     for step, n in enumerate(schedule):
-      if time.perf_counter() - t0 - waited > budget:
+      if clock.seconds() > budget:
         stopped = "time budget"
         break
       batch = needle_long.train_batch(npreset, step, int(n))
       for m in models:
-        t = time.perf_counter()
-        train_step = compiler.get((m.name, int(n)))
-        waited += time.perf_counter() - t
-        m.state, metrics = train_step(m.state, m.consts[int(n)], batch)
+        m.state, metrics = compiler.get((m.name, int(n)))(
+            m.state, m.consts[int(n)], batch)
         pending.append((m.name, step + 1, int(n), metrics["loss"]))
       done = step + 1
       if done % preset.log_every == 0:
@@ -412,7 +408,7 @@ def _train(models, npreset, compiler, deadline, preset):
           losses[name].append([s, length, float(loss)])
         pending.clear()
         if done % (preset.log_every * 8) == 0:
-          print(f"step {done} ({time.perf_counter() - t0:.0f} s): " +
+          print(f"step {done} ({clock.wall:.0f} s): " +
                 ", ".join(f"{k} {v[-1][2]:.3f}@{v[-1][1]}"
                           for k, v in losses.items()), flush=True)
     for name, s, length, loss in pending:
@@ -422,7 +418,7 @@ def _train(models, npreset, compiler, deadline, preset):
     stopped = f"{type(e).__name__}: {str(e)[:300]}"
     print(f"training stopped at step {done}: {stopped}", flush=True)
   return dict(steps_done=done, stopped_reason=stopped, losses=losses,
-              train_s=time.perf_counter() - t0, compile_wait_s=waited)
+              train_s=clock.wall, compile_wait_s=clock.waited)
 
 
 def _borrow(config, info, source: str):

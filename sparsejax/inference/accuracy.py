@@ -159,30 +159,26 @@ def train_model(config, preset: Preset, compiler: aot.Compiler,
                     _spec(_batch(0, n, length)))
   jobs = before_training()
   schedule = length_schedule(preset)
-  start = time.perf_counter()
-  losses, done, waited = [], 0, 0.0
+  clock = aot.WorkClock(compiler)  # compile waits do not count
+  losses, done = [], 0
   for step, length in enumerate(schedule):
-    # The budget is training time: waits for a length's compile (they run
-    # beside the evaluation compiles and vary with the host) do not count.
-    if time.perf_counter() - start - waited > preset.train_seconds:
+    if clock.seconds() > preset.train_seconds:
       break
     length = int(length)
     n = max(preset.tokens_per_step // length, 1)
     batch = _batch(_TRAIN_SEED + step, n, length)
-    t = time.perf_counter()
-    train_step = compiler.get(("train", length))
-    waited += time.perf_counter() - t
-    state, out = train_step(state, consts[length], batch)
+    state, out = compiler.get(("train", length))(state, consts[length],
+                                                 batch)
     done = step + 1
     if done % 100 == 0 or done == 1:
       losses.append([done, length, float(out["loss"])])
       log(f"step {done} L={length} loss {losses[-1][2]:.3f} at "
-          f"{time.perf_counter() - start:.0f} s")
+          f"{clock.wall:.0f} s")
   jax.block_until_ready(state["params"])
   model = nn.build_model(config, info, seed=config.seed)
   nnx.update(model, state["params"])
-  return model, dict(steps_done=done, train_s=time.perf_counter() - start,
-                     compile_wait_s=waited, losses=losses, jobs=jobs)
+  return model, dict(steps_done=done, train_s=clock.wall,
+                     compile_wait_s=clock.waited, losses=losses, jobs=jobs)
 
 
 def eval_batches(preset: Preset):

@@ -250,12 +250,15 @@ class MoA(DecodeMethod):
   sink_size: int = 64
   response_mask: bool = True
 
-  def calibrate(self, model, tokens, loss_mask=None):
-    if self.spans is not None:
-      return self
+  def __post_init__(self):
+    super().__post_init__()
     if not isinstance(self.response_mask, bool):
       raise TypeError(f"moa option response_mask must be a bool, got "
                       f"{self.response_mask!r}")
+
+  def calibrate(self, model, tokens, loss_mask=None):
+    if self.spans is not None:
+      return self
     if not self.response_mask:
       loss_mask = None
     toks = np.asarray(tokens)

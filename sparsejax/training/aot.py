@@ -68,6 +68,7 @@ class Compiler:
     self._switch = switch_interval
     self._futures: dict[Hashable, concurrent.futures.Future] = {}
     self.seconds: dict[Hashable, dict[str, float]] = {}  # lower/compile time
+    self.wait_seconds = 0.0  # time callers spent blocked in `get`
 
   def submit(self, key: Hashable, jitted: Callable, *args: Any) -> None:
     """Queues `jitted` for `args` (arrays or jax.ShapeDtypeStruct)."""
@@ -98,10 +99,37 @@ class Compiler:
     return compiled
 
   def get(self, key: Hashable) -> Callable:
-    """The compiled executable for `key` (blocks until it is ready)."""
-    return self._futures[key].result().result()
+    """The compiled executable for `key` (blocks until it is ready; the
+    time blocked adds to `wait_seconds`)."""
+    start = time.perf_counter()
+    try:
+      return self._futures[key].result().result()
+    finally:
+      self.wait_seconds += time.perf_counter() - start
 
   def close(self) -> None:
     """Waits for the queued work (errors stay with `get`), then stops."""
     self._lower.shutdown(wait=True)
     self._pool.shutdown(wait=True)
+
+
+class WorkClock:
+  """Seconds since creation, less the time spent waiting in `compiler.get`
+  meanwhile: a training budget that compile waits (they vary with the host)
+  do not use up."""
+
+  def __init__(self, compiler: Compiler):
+    self._compiler = compiler
+    self._start = time.perf_counter()
+    self._waited0 = compiler.wait_seconds
+
+  @property
+  def waited(self) -> float:
+    return self._compiler.wait_seconds - self._waited0
+
+  @property
+  def wall(self) -> float:
+    return time.perf_counter() - self._start
+
+  def seconds(self) -> float:
+    return self.wall - self.waited
